@@ -1,0 +1,17 @@
+"""lightning_grng: gradient-regularized natural gradients (KFAC, RING, RENG, RKalman) for
+PyTorch and PyTorch Lightning."""
+
+from lightning_grng.__about__ import __version__
+from lightning_grng.attach import CurvatureHandle, attach
+from lightning_grng.optim import KFAC, RENG, RING, GRNGOptimizer, regularized_backward
+
+__all__ = [
+    "KFAC",
+    "RENG",
+    "RING",
+    "CurvatureHandle",
+    "GRNGOptimizer",
+    "__version__",
+    "attach",
+    "regularized_backward",
+]

@@ -1,0 +1,114 @@
+"""Inverse routines for symmetric positive definite (SPD) Kronecker factors.
+
+All routines act on batches ``(..., n, n)`` and compute in float32 or better, whatever the dtype
+of the factor (bf16/fp16 covariances are too inaccurate to decompose).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype decompositions run in: ``dtype`` promoted to at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def symmetrize(x: Tensor) -> Tensor:
+    """``(X + Xᵀ) / 2`` over the last two dimensions."""
+    return 0.5 * (x + x.transpose(-1, -2))
+
+
+@dataclass
+class NewtonSchulzResult:
+    """Outcome of :func:`newton_schulz_inverse`.
+
+    Attributes:
+        inverse: the approximate inverse X, shape of M.
+        iterations: Newton steps taken.
+        residual: ``max ‖I − X M‖_F`` over the batch after the last step.
+        warm: whether the warm start was accepted (otherwise a cold start was used).
+    """
+
+    inverse: Tensor
+    iterations: int
+    residual: float
+    warm: bool
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    return 1e-10 if dtype == torch.float64 else 1e-4
+
+
+def newton_schulz_inverse(
+    M: Tensor,
+    initial: Tensor | None = None,
+    max_iters: int = 30,
+    tol: float | None = None,
+) -> NewtonSchulzResult:
+    """Newton–Schulz iteration for the inverse of SPD matrices.
+
+    Iterates ``X ← X (2I − M X)``. With ``E = I − X M`` this satisfies ``E_{k+1} = E_k²``, so the
+    residual squares every step once ``‖E_0‖ < 1``. A warm start ``initial`` (the previous
+    inverse: EMA factors move slowly) is used when ``‖I − X₀ M‖_F < 1`` for every matrix of the
+    batch; otherwise the cold start ``X₀ = I / ‖M‖_F`` is used, which converges for any SPD M
+    because the eigenvalues of ``I − M/‖M‖_F`` lie in ``[0, 1)``. X is symmetrized after each
+    step so rounding cannot drift it away from a symmetric matrix.
+
+    Args:
+        M: SPD matrices, shape ``(..., n, n)``.
+        initial: optional warm start of the same shape.
+        max_iters: upper bound on Newton steps.
+        tol: stop once ``‖I − X M‖_F <= tol`` (default depends on dtype).
+
+    Returns:
+        A :class:`NewtonSchulzResult`; the inverse has the dtype of ``M``.
+    """
+    dtype = working_dtype(M.dtype)
+    Mw = M.to(dtype)
+    tol = default_tolerance(dtype) if tol is None else tol
+    eye = torch.eye(M.shape[-1], dtype=dtype, device=M.device).expand_as(Mw)
+
+    X = None
+    warm = False
+    if initial is not None and initial.shape == M.shape:
+        X0 = initial.to(dtype)
+        res0 = torch.linalg.matrix_norm(eye - X0 @ Mw)
+        if bool(torch.isfinite(res0).all()) and float(res0.max()) < 1.0:
+            X, warm = X0, True
+    if X is None:
+        norm = torch.linalg.matrix_norm(Mw).clamp_min(torch.finfo(dtype).tiny)
+        X = eye / norm[..., None, None]
+
+    residual = float("inf")
+    iters = 0
+    for iters in range(max_iters + 1):
+        E = eye - X @ Mw
+        residual = float(torch.linalg.matrix_norm(E).max())
+        if residual <= tol or iters == max_iters or residual != residual:
+            break
+        # X(2I − MX) = X + X(I − MX); for symmetric X and M, (I − MX) = Eᵀ.
+        X = symmetrize(X + X @ E.transpose(-1, -2))
+    return NewtonSchulzResult(X.to(M.dtype), iters, residual, warm)
+
+
+def spd_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of symmetric PSD matrices, eigenvalues clamped at 0.
+
+    Runs in float32 or better and retries in float64 when the first attempt fails (ill-conditioned
+    float32 factors occasionally make ``eigh`` diverge). Returns ``(eigenvalues, eigenvectors)``
+    in the working dtype.
+
+    Raises:
+        torch.linalg.LinAlgError: if the float64 retry fails as well.
+    """
+    dtype = working_dtype(M.dtype)
+    try:
+        evals, evecs = torch.linalg.eigh(symmetrize(M.to(dtype)))
+    except torch.linalg.LinAlgError:
+        evals, evecs = torch.linalg.eigh(symmetrize(M.to(torch.float64)))
+        evals, evecs = evals.to(dtype), evecs.to(dtype)
+    return evals.clamp_min(0.0), evecs

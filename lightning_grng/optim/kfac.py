@@ -1,0 +1,131 @@
+"""K-FAC: the ρ = 0 member of the family and the base of RING and RENG."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from lightning_grng.curvature.block import KroneckerBlock
+from lightning_grng.curvature.capture import FactorAccumulator, LossReduction
+from lightning_grng.curvature.inverse import working_dtype
+from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
+from lightning_grng.optim.base import GRNGOptimizer, ParamsT
+from lightning_grng.optim.validation import check_choice, check_int, check_range
+
+
+class KFAC(GRNGOptimizer):
+    """Kronecker-factored natural gradient: ``U = (A ⊗ G + λI)⁻¹ g`` per layer.
+
+    ``nn.Linear`` and ``nn.Conv2d`` layers get a Kronecker block; every other trainable parameter
+    gets the fallback update (momentum SGD on its gradient). Hooks are attached with
+    :func:`lightning_grng.attach` (plain PyTorch) or by :class:`lightning_grng.GRNGCallback`.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        momentum: heavy-ball momentum on the preconditioned update, in [0, 1).
+        weight_decay: decoupled weight decay (``θ ← θ·(1 − lr·wd)``), >= 0.
+        damping: Tikhonov damping λ > 0 added to the Kronecker-factored Fisher.
+        ema_decay: decay of the factor moving averages, in [0, 1).
+        curvature_every: refresh the factor statistics every this many steps.
+        inverse_every: refresh the inverse representation every this many steps.
+        inverse: ``"eigh"`` (exact damping via eigendecompositions) or ``"newton"`` (warm-started
+            Newton–Schulz inverses of factored-damped factors, matmuls only).
+        newton_iters: maximum Newton–Schulz iterations per refresh.
+        kl_clip: bound on the step's predicted KL change ``lr²·⟨U, g⟩``; None disables it.
+        fisher: ``"empirical"`` (from the training loss's backward) or ``"mc"`` (labels sampled
+            from the model; needs :meth:`mc_fisher_backward`).
+        loss_reduction: how the training loss reduces over samples, ``"mean"`` or ``"sum"``;
+            sets the scale of G (see ``docs/algorithms.md``).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: float = 0.1,
+        ema_decay: float = 0.95,
+        curvature_every: int = 5,
+        inverse_every: int = 20,
+        inverse: str = "eigh",
+        newton_iters: int = 30,
+        kl_clip: float | None = 1e-2,
+        fisher: str = "empirical",
+        loss_reduction: str = "mean",
+    ) -> None:
+        name = type(self).__name__
+        self.ema_decay = check_range(name, "ema_decay", ema_decay, 0.0, 1.0, high_open=True)
+        self.inverse_every = check_int(name, "inverse_every", inverse_every)
+        self.inverse = check_choice(name, "inverse", inverse, InverseMethod)
+        self.newton_iters = check_int(name, "newton_iters", newton_iters)
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            damping=damping,
+            curvature_every=curvature_every,
+            kl_clip=kl_clip,
+            fisher=fisher,
+            loss_reduction=loss_reduction,
+        )
+        self._factors: dict[str, KroneckerFactors] = {}
+        self.inverse_failures = 0
+
+    def _new_accumulator(self, block: KroneckerBlock) -> FactorAccumulator:
+        return FactorAccumulator()
+
+    def factors(self, key: str) -> KroneckerFactors:
+        """The factor state of block ``key`` (created on first use)."""
+        if key not in self._factors:
+            self._factors[key] = KroneckerFactors(working_dtype(self._blocks[key].weight.dtype))
+        return self._factors[key]
+
+    def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> bool:
+        A, G = accumulator.averaged(LossReduction(self.loss_reduction))
+        if not (A.isfinite().all() and G.isfinite().all()):
+            return False
+        self.factors(key).update(A, G, self.ema_decay)
+        return True
+
+    def _refresh(self, grad_sq_norm: float) -> None:
+        scheduled = self.grng_step % self.inverse_every == 0
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        for key, block in self._blocks.items():
+            factors = self._factors.get(key)
+            if factors is None or factors.updates == 0 or (factors.ready and not scheduled):
+                continue
+            damping = self._effective_damping(group_of[block.weight], grad_sq_norm)
+            if not factors.refresh(self.inverse, damping, self.newton_iters):
+                # Keep the last good preconditioner; make the next one better conditioned.
+                self.inverse_failures += 1
+                self.damping_boost = min(self.damping_boost * 2.0, 2.0**20)
+
+    def _precondition_block(
+        self, key: str, block: KroneckerBlock, V: Tensor, group: dict[str, Any], grad_sq: float
+    ) -> Tensor | None:
+        factors = self._factors.get(key)
+        if factors is None or not factors.ready:
+            return None
+        return factors.precondition(V, self._effective_damping(group, grad_sq))
+
+    def _block_state(self, key: str) -> dict[str, Any]:
+        factors = self._factors.get(key)
+        return {} if factors is None else factors.state_dict()
+
+    def _load_block_state(self, key: str, state: dict[str, Any]) -> None:
+        block = self._blocks[key]
+        factors = KroneckerFactors(working_dtype(block.weight.dtype))
+        factors.load_state_dict(state, block.weight.device)
+        for name, expect in (("A", block.n_in), ("G", block.n_out)):
+            value = getattr(factors, name)
+            if value is not None and tuple(value.shape) != (block.groups, expect, expect):
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: factor {name} of module "
+                    f"'{block.name}' has shape {tuple(value.shape)}, expected "
+                    f"{(block.groups, expect, expect)}; the checkpoint belongs to another model."
+                )
+        self._factors[key] = factors

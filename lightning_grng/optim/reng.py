@@ -1,0 +1,206 @@
+"""RENG: natural gradient of the explicitly gradient-regularized loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_grng.optim.base import ParamsT
+from lightning_grng.optim.kfac import KFAC
+from lightning_grng.optim.validation import check_choice, check_range
+
+
+class GRMode(str, Enum):
+    DOUBLE_BACKPROP = "double_backprop"
+    FINITE_DIFFERENCE = "finite_difference"
+
+
+class RENG(KFAC):
+    """Regularized Explicit Natural Gradient: ``U = (A ⊗ G + λI)⁻¹ ∇ℓ_G``.
+
+    ``∇ℓ_G = g + ρ·H g`` is the gradient of ``ℓ + ρ/2‖∇ℓ‖²``. The curvature statistics come
+    from the plain loss's backward only.
+
+    * ``gr_mode="double_backprop"`` (default): exact ``Hg`` by differentiating ½‖g‖². In plain
+      PyTorch call ``loss.backward(create_graph=True)`` before ``step()`` (or
+      :func:`regularized_backward`); in Lightning :class:`~lightning_grng.GRNGStrategy` does it.
+    * ``gr_mode="finite_difference"``: ``Hg ≈ (∇ℓ(θ + εg) − g)/ε`` with ``ε = fd_eps/‖g‖``, one
+      extra forward/backward on the same batch and no double backward (works with BatchNorm
+      and kernels without double backward). Needs ``step(closure)``; buffers such as BatchNorm
+      running statistics are restored after the extra pass.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        momentum: heavy-ball momentum on the preconditioned update, in [0, 1).
+        weight_decay: decoupled weight decay, >= 0.
+        damping: Tikhonov damping λ > 0.
+        rho: gradient-regularization strength ρ >= 0.
+        ema_decay: decay of the factor moving averages, in [0, 1).
+        curvature_every: refresh the factor statistics every this many steps.
+        inverse_every: refresh the inverse representation every this many steps.
+        inverse: ``"eigh"`` or ``"newton"``.
+        newton_iters: maximum Newton–Schulz iterations per refresh.
+        kl_clip: bound on the step's predicted KL change; None disables it.
+        fisher: ``"empirical"`` or ``"mc"``.
+        loss_reduction: ``"mean"`` or ``"sum"``.
+        gr_mode: ``"double_backprop"`` or ``"finite_difference"``.
+        fd_eps: finite-difference step length ``ε‖g‖`` (> 0).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: float = 0.1,
+        rho: float = 0.1,
+        ema_decay: float = 0.95,
+        curvature_every: int = 5,
+        inverse_every: int = 20,
+        inverse: str = "eigh",
+        newton_iters: int = 30,
+        kl_clip: float | None = 1e-2,
+        fisher: str = "empirical",
+        loss_reduction: str = "mean",
+        gr_mode: str = "double_backprop",
+        fd_eps: float = 1e-3,
+    ) -> None:
+        name = type(self).__name__
+        self.gr_mode = check_choice(name, "gr_mode", gr_mode, GRMode)
+        self.fd_eps = check_range(name, "fd_eps", fd_eps, 0.0, low_open=True)
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            damping=damping,
+            ema_decay=ema_decay,
+            curvature_every=curvature_every,
+            inverse_every=inverse_every,
+            inverse=inverse,
+            newton_iters=newton_iters,
+            kl_clip=kl_clip,
+            fisher=fisher,
+            loss_reduction=loss_reduction,
+        )
+        self._add_group_default("rho", check_range(name, "rho", rho, 0.0))
+        self._grads_regularized = False
+
+    @property
+    def regularizes(self) -> bool:
+        return any(group["rho"] > 0.0 for group in self.param_groups)
+
+    def _rho_of(self) -> dict[Tensor, float]:
+        return {p: group["rho"] for group in self.param_groups for p in group["params"]}
+
+    def _gradients(
+        self, params: list[Tensor], closure: Callable[[], Any] | None
+    ) -> tuple[Any, list[Tensor]]:
+        if self._grads_regularized:  # regularized_backward() already produced ∇ℓ_G
+            self._grads_regularized = False
+            return super()._gradients(params, closure)
+        if self.gr_mode is GRMode.FINITE_DIFFERENCE and self.regularizes:
+            return self._finite_difference_gradients(closure)
+        loss, _ = super()._gradients(params, closure)
+        params = [p for p in self.flat_params() if p.grad is not None]
+        grads = [p.grad for p in params]
+        graph = [(p, g) for p, g in zip(params, grads, strict=True) if g.requires_grad]
+        if self.regularizes and not graph:
+            raise RuntimeError(
+                f"{type(self).__name__}(gr_mode='double_backprop') needs the graph of the "
+                "gradient: call `loss.backward(create_graph=True)` (or "
+                "`lightning_grng.regularized_backward(loss, optimizer)`) before `step()`; in "
+                "Lightning use `strategy=GRNGStrategy()`; or choose "
+                "gr_mode='finite_difference' and pass a closure to `step()`."
+            )
+        self._record_plain_grad_norm(grads)
+        if not graph or not self.regularizes:
+            for p in params:
+                p.grad = p.grad.detach()
+            return loss, [p.grad for p in params]
+        with torch.enable_grad(), self._gate.paused():
+            penalty = 0.5 * sum(g.pow(2).sum() for _, g in graph)
+            hvps = torch.autograd.grad(penalty, [p for p, _ in graph], allow_unused=True)
+        hvp_of = {p: h for (p, _), h in zip(graph, hvps, strict=True) if h is not None}
+        rho_of = self._rho_of()
+        out = []
+        for p in params:
+            p.grad = p.grad.detach()  # frees the double-backward graph (and its ref cycle)
+            g = p.grad
+            if p in hvp_of:
+                g = g + rho_of[p] * hvp_of[p]
+            out.append(g)
+        return loss, out
+
+    def _finite_difference_gradients(
+        self, closure: Callable[[], Any] | None
+    ) -> tuple[Any, list[Tensor]]:
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}(gr_mode='finite_difference') re-evaluates the batch: "
+                "call `optimizer.step(closure)` with a closure that zeroes the gradients, "
+                "computes the loss and calls `loss.backward()`."
+            )
+        with torch.enable_grad():
+            loss = closure()
+        params = [p for p in self.flat_params() if p.grad is not None]
+        grads = [p.grad.detach().clone() for p in params]
+        norm = math.sqrt(self._record_plain_grad_norm(grads))
+        if norm == 0.0 or not math.isfinite(norm):
+            return loss, grads
+        eps = self.fd_eps / norm
+        originals = [p.detach().clone() for p in params]
+        model = self._model
+        buffers = [b.detach().clone() for b in model.buffers()] if model is not None else []
+        for p, g in zip(params, grads, strict=True):
+            p.add_(g, alpha=eps)
+        with torch.enable_grad(), self._gate.paused():
+            closure()
+        shifted = [
+            p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params
+        ]
+        for p, original, g in zip(params, originals, grads, strict=True):
+            p.copy_(original)
+            p.grad = g
+        if model is not None:
+            for b, saved in zip(model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+        rho_of = self._rho_of()
+        return loss, [
+            g + (rho_of[p] / eps) * (s - g) for p, g, s in zip(params, grads, shifted, strict=True)
+        ]
+
+    def _record_plain_grad_norm(self, grads: list[Tensor]) -> float:
+        sq = sum(float(g.detach().double().pow(2).sum()) for g in grads)
+        self.plain_grad_sq = sq
+        return sq
+
+
+def regularized_backward(loss: Tensor, optimizer: RENG, micro_batches: int = 1) -> None:
+    """One ordinary backward that accumulates ``∇(ℓ + ρ/2‖∇ℓ‖²)`` into ``.grad``.
+
+    The inner gradient is taken out of place with ``create_graph=True`` (it also feeds the
+    curvature statistics), then a single backward of the regularized loss follows; this is the
+    backward DDP can synchronize. With gradient accumulation over ``micro_batches`` steps whose
+    losses are divided by that number, the penalty is formed per micro-batch:
+    ``∇(ℓ_i + ρ/2‖∇ℓ_i‖²)/N`` is accumulated for each micro-batch ``i``.
+    """
+    rho_of = optimizer._rho_of()
+    params = [p for p in optimizer.flat_params() if p.requires_grad]
+    if not optimizer.regularizes:
+        loss.backward()
+        return
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    used = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+    optimizer._record_plain_grad_norm([g * micro_batches for _, g in used])
+    penalty = sum(0.5 * micro_batches * rho_of[p] * g.pow(2).sum() for p, g in used)
+    with optimizer._gate.paused():
+        (loss + penalty).backward()
+    optimizer._grads_regularized = True
