@@ -74,7 +74,7 @@ class KroneckerBlock(ABC):
     def weight_matrix_shape(self) -> tuple[int, int, int]:
         """``(groups, n_out, n_in - has_bias)``: the weight alone viewed as grouped matrices."""
 
-    def to_matrix(self, weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
+    def to_matrix(self, weight_like: Tensor, bias_like: Tensor | None = None) -> Tensor:
         """Fold a weight-shaped and a bias-shaped tensor into ``(groups, n_out, n_in)``."""
         mat = weight_like.reshape(self.weight_matrix_shape())
         if bias_like is None:

@@ -43,6 +43,24 @@ def default_tolerance(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-4
 
 
+def spectral_radius_estimate(E: Tensor, iters: int = 12) -> float:
+    """Largest ``|eigenvalue|`` of ``E`` (max over the batch) by power iteration.
+
+    ``E = I − X₀M`` with X₀, M SPD has real eigenvalues, and Newton–Schulz converges iff they
+    lie in ``(−1, 1)``. The Frobenius norm bounds the radius but is far too pessimistic for wide,
+    low-rank-updated factors, so the warm start is accepted on this cheap ``O(n²)`` estimate and
+    guarded against divergence.
+    """
+    v = torch.ones(*E.shape[:-1], 1, dtype=E.dtype, device=E.device)
+    estimate = torch.zeros(E.shape[:-2], dtype=E.dtype, device=E.device)
+    for _ in range(iters):
+        w = E @ v
+        estimate = torch.linalg.vector_norm(w, dim=(-2, -1))
+        v = w / estimate.clamp_min(torch.finfo(E.dtype).tiny)[..., None, None]
+    value = float(estimate.max())
+    return value if value == value else float("inf")
+
+
 def newton_schulz_inverse(
     M: Tensor,
     initial: Tensor | None = None,
@@ -54,7 +72,7 @@ def newton_schulz_inverse(
     Iterates ``X ← X (2I − M X)``. With ``E = I − X M`` this satisfies ``E_{k+1} = E_k²``, so the
     residual squares every step once ``‖E_0‖ < 1``. A warm start ``initial`` (the previous
     inverse: EMA factors move slowly) is used when ``‖I − X₀ M‖_F < 1`` for every matrix of the
-    batch; otherwise the cold start ``X₀ = I / ‖M‖_F`` is used, which converges for any SPD M
+    batch (judged by :func:`spectral_radius_estimate`, restarting cold if it diverges); otherwise the cold start ``X₀ = I / ‖M‖_F`` is used, which converges for any SPD M
     because the eigenvalues of ``I − M/‖M‖_F`` lie in ``[0, 1)``. X is symmetrized after each
     step so rounding cannot drift it away from a symmetric matrix.
 
@@ -72,22 +90,26 @@ def newton_schulz_inverse(
     tol = default_tolerance(dtype) if tol is None else tol
     eye = torch.eye(M.shape[-1], dtype=dtype, device=M.device).expand_as(Mw)
 
-    X = None
-    warm = False
-    if initial is not None and initial.shape == M.shape:
-        X0 = initial.to(dtype)
-        res0 = torch.linalg.matrix_norm(eye - X0 @ Mw)
-        if bool(torch.isfinite(res0).all()) and float(res0.max()) < 1.0:
-            X, warm = X0, True
-    if X is None:
+    def cold_start() -> Tensor:
         norm = torch.linalg.matrix_norm(Mw).clamp_min(torch.finfo(dtype).tiny)
-        X = eye / norm[..., None, None]
+        return eye / norm[..., None, None]
+
+    X, warm = cold_start(), False
+    if initial is not None and initial.shape == M.shape and bool(initial.isfinite().all()):
+        X0 = initial.to(dtype)
+        if spectral_radius_estimate(eye - X0 @ Mw) < 0.9:
+            X, warm = X0, True
 
     residual = float("inf")
+    first = None
     iters = 0
-    for iters in range(max_iters + 1):
+    for iters in range(max_iters + 1):  # noqa: B007 - iters is reported
         E = eye - X @ Mw
         residual = float(torch.linalg.matrix_norm(E).max())
+        first = residual if first is None else first
+        if warm and not (residual < 10.0 * first):  # the estimate was wrong: diverging
+            X, warm, first = cold_start(), False, None
+            continue
         if residual <= tol or iters == max_iters or residual != residual:
             break
         # X(2I − MX) = X + X(I − MX); for symmetric X and M, (I − MX) = Eᵀ.

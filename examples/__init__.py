@@ -1,0 +1,1 @@
+"""Example training scripts and data for lightning_grng."""

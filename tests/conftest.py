@@ -1,0 +1,82 @@
+"""Shared helpers: small models and *independent* dense references (no hooks involved)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_quiet():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        yield
+
+
+def mlp(dtype: torch.dtype = torch.float64, d_in: int = 5, hidden: int = 4, d_out: int = 3):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)).to(dtype)
+
+
+def classification_batch(n: int = 8, d_in: int = 5, classes: int = 3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, d_in, generator=g, dtype=dtype)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def vec(M: Tensor) -> Tensor:
+    """Column-major vec, so that (A ⊗ G) vec(V) = vec(G V Aᵀ)."""
+    return M.transpose(-1, -2).reshape(-1)
+
+
+def unvec(v: Tensor, rows: int, cols: int) -> Tensor:
+    return v.reshape(cols, rows).transpose(0, 1)
+
+
+def sequential_reference(model: nn.Sequential, x: Tensor, y: Tensor, reduction: str = "mean"):
+    """Per-Linear-layer inputs, output gradients and parameter gradients of a plain
+    cross-entropy backward, computed by running the layers by hand (no hooks)."""
+    inputs, outputs = [], []
+    h = x
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            inputs.append(h.detach())
+            h = nn.functional.linear(h, layer.weight, layer.bias)  # bypasses module hooks
+            h.retain_grad()
+            outputs.append(h)
+        else:
+            h = layer(h)
+    loss = nn.functional.cross_entropy(h, y, reduction=reduction)
+    model.zero_grad()
+    loss.backward()
+    refs = []
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    for layer, a, s in zip(linears, inputs, outputs, strict=True):
+        a_bar = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+        B = a.shape[0]
+        A = a_bar.T @ a_bar / B
+        G = s.grad.T @ s.grad * (B if reduction == "mean" else 1)
+        V = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+        refs.append((A, G, V.clone()))
+    model.zero_grad()
+    return loss, refs
+
+
+def dense_kfac_update(A: Tensor, G: Tensor, V: Tensor, damping: float) -> Tensor:
+    """``(A ⊗ G + γI)⁻¹ vec(V)`` with the explicit dense Kronecker product."""
+    n = A.shape[0] * G.shape[0]
+    M = torch.kron(A, G) + damping * torch.eye(n, dtype=A.dtype)
+    return unvec(torch.linalg.solve(M, vec(V)), V.shape[0], V.shape[1])
+
+
+def layer_matrices(model: nn.Sequential) -> list[Tensor]:
+    return [
+        torch.cat([m.weight.detach(), m.bias.detach()[:, None]], 1)
+        for m in model
+        if isinstance(m, nn.Linear)
+    ]

