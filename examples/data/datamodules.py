@@ -137,7 +137,9 @@ class FashionMNISTDataModule(_CachedDataModule):
         train_idx, val_idx = self._split(len(train["labels"]), self.val_size)
         train_idx = train_idx[: self.subset]
 
-        def dataset(split: dict[str, torch.Tensor], idx: torch.Tensor | None = None):
+        def dataset(
+            split: dict[str, torch.Tensor], idx: torch.Tensor | None = None
+        ) -> TensorDataset:
             images, labels = (split["images"], split["labels"])
             if idx is not None:
                 images, labels = images[idx], labels[idx]
@@ -303,7 +305,9 @@ class IMDBDataModule(_CachedDataModule):
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         self.vocab = ["<pad>", "<unk>"] + [w for w, _ in ranked[: self.vocab_size - 2]]
 
-        def dataset(docs: list[list[str]], labels: torch.Tensor, idx: torch.Tensor | None = None):
+        def dataset(
+            docs: list[list[str]], labels: torch.Tensor, idx: torch.Tensor | None = None
+        ) -> TensorDataset:
             if idx is not None:
                 docs, labels = [docs[i] for i in idx.tolist()], labels[idx]
             return TensorDataset(self._encode(docs), labels.long())

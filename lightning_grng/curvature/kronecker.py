@@ -67,10 +67,20 @@ class KroneckerFactors:
         """Whether an inverse representation exists (a preconditioner can be applied)."""
         return self.evec_A is not None or self.inv_A is not None
 
+    @property
+    def finite(self) -> bool:
+        return bool(
+            self.A is not None
+            and self.G is not None
+            and torch.isfinite(self.A).all()
+            and torch.isfinite(self.G).all()
+        )
+
     def update(self, A_batch: Tensor, G_batch: Tensor, decay: float) -> None:
-        """EMA update ``F ← decay·F + (1 − decay)·F_batch``; the first batch initializes F."""
+        """EMA update ``F ← decay·F + (1 − decay)·F_batch``; the first batch initializes F, and
+        so does any batch after the state became non-finite (it would otherwise stay NaN)."""
         A_batch, G_batch = A_batch.to(self.dtype), G_batch.to(self.dtype)
-        if self.A is None or self.G is None:
+        if self.A is None or self.G is None or not bool(self.finite):
             self.A, self.G = A_batch.clone(), G_batch.clone()
         else:
             self.A.mul_(decay).add_(A_batch, alpha=1.0 - decay)
@@ -80,9 +90,7 @@ class KroneckerFactors:
     def refresh(self, method: InverseMethod, damping: float, newton_iters: int) -> bool:
         """Recompute the inverse representation. Returns False (and keeps the last good one)
         when the factors or the result are not finite or the decomposition fails."""
-        if self.A is None or self.G is None:
-            return False
-        if not (torch.isfinite(self.A).all() and torch.isfinite(self.G).all()):
+        if not self.finite:
             return False
         if method is InverseMethod.EIGH:
             try:

@@ -193,6 +193,8 @@ class GRNGOptimizer(Optimizer):
             self._skip_step(capture)
             return loss
 
+        # A good step relaxes the boost from earlier failures; failures below raise it again.
+        self.damping_boost = max(1.0, self.damping_boost * 0.5)
         if self._curvature_due():
             self._absorb_statistics(capture, grad_of)
         self._refresh(grad_sq)
@@ -215,7 +217,6 @@ class GRNGOptimizer(Optimizer):
         scale = self._kl_scale(directions, grad_of, group_of)
         self._apply(directions, scale)
 
-        self.damping_boost = max(1.0, self.damping_boost * 0.5)
         self.grng_step += 1
         self._gate.wanted = self._curvature_due()
         self.diagnostics = {
