@@ -32,8 +32,12 @@ def _explicit_patches(x, conv: nn.Conv2d):
         for i in range(Ho):
             for j in range(Wo):
                 for g in range(conv.groups):
-                    patch = xp[b, g * cg : (g + 1) * cg, i * sh : i * sh + dh * (kh - 1) + 1 : dh,
-                               j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+                    patch = xp[
+                        b,
+                        g * cg : (g + 1) * cg,
+                        i * sh : i * sh + dh * (kh - 1) + 1 : dh,
+                        j * sw : j * sw + dw * (kw - 1) + 1 : dw,
+                    ]
                     rows[g].append(patch.reshape(-1))
     return [torch.stack(r) for r in rows], Ho * Wo
 
@@ -62,12 +66,12 @@ def test_conv2d_factors_equal_explicit_patches(kwargs):
     nn.functional.cross_entropy(out.flatten(1) @ head, y).backward()
     opt.step()
 
-    rows, positions = _explicit_patches(x, conv)
+    rows, _ = _explicit_patches(x, conv)
     og = conv.out_channels // conv.groups
     factors = opt.factors("0")
-    assert factors.A.shape == (conv.groups, rows[0].shape[1] + (conv.bias is not None),) * 1 + (
-        rows[0].shape[1] + (conv.bias is not None),
-    ) or True
+    n_in = rows[0].shape[1] + (conv.bias is not None)
+    assert factors.A.shape == (conv.groups, n_in, n_in)
+    assert factors.G.shape == (conv.groups, og, og)
     for g in range(conv.groups):
         a = rows[g]
         if conv.bias is not None:
@@ -117,8 +121,13 @@ def _one_step(reduction: str, damping: float, x, y):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
     opt = lg.KFAC(
-        model.parameters(), lr=1.0, momentum=0.0, kl_clip=None, damping=damping,
-        curvature_every=1, loss_reduction=reduction,
+        model.parameters(),
+        lr=1.0,
+        momentum=0.0,
+        kl_clip=None,
+        damping=damping,
+        curvature_every=1,
+        loss_reduction=reduction,
     )
     lg.attach(model, opt)
     nn.functional.cross_entropy(model(x), y, reduction=reduction).backward()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -18,14 +20,12 @@ def _spd(n: int, cond: float, seed: int = 0, batch: int = 2) -> torch.Tensor:
 def test_residual_squares_every_iteration():
     M = _spd(12, cond=50.0)
     eye = torch.eye(12, dtype=M.dtype)
-    X = eye / torch.linalg.matrix_norm(M)[..., None, None]
     residuals = []
     for k in range(1, 12):
         res = newton_schulz_inverse(M, max_iters=k, tol=0.0)
         residuals.append(torch.linalg.matrix_norm(eye - res.inverse @ M, ord=2).max().item())
-    del X
     # Spectral residual r_{k+1} = r_k² (up to rounding) once below 1.
-    for r0, r1 in zip(residuals, residuals[1:], strict=False):
+    for r0, r1 in itertools.pairwise(residuals):
         if 1e-7 < r0 < 1.0:
             assert abs(r1 - r0**2) <= 1e-9 + 1e-6 * r0**2
 

@@ -27,8 +27,13 @@ OPTIMIZERS = {
 def _model(dtype=torch.float32):
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.LayerNorm(4 * 6 * 6),
-        nn.Linear(4 * 6 * 6, 16), nn.ReLU(inplace=True), nn.Linear(16, 3),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LayerNorm(4 * 6 * 6),
+        nn.Linear(4 * 6 * 6, 16),
+        nn.ReLU(inplace=True),
+        nn.Linear(16, 3),
     ).to(dtype)
 
 
@@ -47,7 +52,8 @@ def _train(opt, model, x, y, steps, start=0, batch=32):
         def closure(xb=x[idx], yb=y[idx]):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(xb), yb)
-            loss.backward(create_graph=isinstance(opt, lg.RENG) and opt.gr_mode.value == "double_backprop")
+            double = isinstance(opt, lg.RENG) and opt.gr_mode.value == "double_backprop"
+            loss.backward(create_graph=double)
             return loss
 
         losses.append(float(opt.step(closure).detach()))
@@ -109,7 +115,6 @@ def test_factor_dtypes_are_preserved_by_checkpoints():
     torch.save(state, buffer)
     buffer.seek(0)
     opt2 = lg.KFAC(model.parameters(), curvature_every=1)
-    lg.attach(model, opt2) if False else None
     opt._detach()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -351,9 +356,10 @@ def test_checkpoint_of_another_model_is_rejected():
 def test_param_groups_scheduler_and_clipping():
     model = _model()
     x, y = _data()
-    head, body = list(model[-1].parameters()), [
-        p for n, p in model.named_parameters() if not n.startswith("6.")
-    ]
+    head, body = (
+        list(model[-1].parameters()),
+        [p for n, p in model.named_parameters() if not n.startswith("6.")],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = lg.RING([{"params": body}, {"params": head, "lr": 0.01, "rho": 0.0}], lr=0.05)
@@ -362,7 +368,8 @@ def test_param_groups_scheduler_and_clipping():
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     for i in range(4):
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x[i * 16 : (i + 1) * 16]), y[i * 16 : (i + 1) * 16]).backward()
+        batch = slice(i * 16, (i + 1) * 16)
+        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         assert math.isfinite(float(norm))
         opt.step()
@@ -376,7 +383,7 @@ def test_grad_scaler_unscale_and_step():
     x, y = _data()
     opt = _make("KFAC", model)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    for i in range(3):
+    for _ in range(3):
         opt.zero_grad()
         scaler.scale(nn.functional.cross_entropy(model(x[:32]), y[:32])).backward()
         scaler.unscale_(opt)

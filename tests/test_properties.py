@@ -120,9 +120,7 @@ def test_reng_step_equals_dense_preconditioned_regularized_gradient(gr_mode, tol
     """Property 3 (with 1): RENG's step is (A⊗G + λI)⁻¹ (g + ρHg), Hg from torch.func."""
     lam, rho = 0.2, 0.7
     model = mlp()
-    opt = lg.RENG(
-        model.parameters(), damping=lam, rho=rho, gr_mode=gr_mode, fd_eps=1e-7, **EXACT
-    )
+    opt = lg.RENG(model.parameters(), damping=lam, rho=rho, gr_mode=gr_mode, fd_eps=1e-7, **EXACT)
     x, y = classification_batch()
     _, refs = sequential_reference(model, x, y)
     reg = _reference_regularized_gradient(model, x, y, rho)  # before attach: no hooks fire
@@ -169,9 +167,7 @@ def test_regularized_gradient_matches_finite_difference_of_half_grad_norm():
         with torch.no_grad():
             for p, s in zip(model.parameters(), shift, strict=True):
                 p.add_(s, alpha=eps)
-        gs = torch.autograd.grad(
-            nn.functional.cross_entropy(model(x), y), list(model.parameters())
-        )
+        gs = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
         with torch.no_grad():
             for p, s in zip(model.parameters(), shift, strict=True):
                 p.sub_(s, alpha=eps)

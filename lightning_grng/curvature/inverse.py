@@ -70,11 +70,13 @@ def newton_schulz_inverse(
     """Newton–Schulz iteration for the inverse of SPD matrices.
 
     Iterates ``X ← X (2I − M X)``. With ``E = I − X M`` this satisfies ``E_{k+1} = E_k²``, so the
-    residual squares every step once ``‖E_0‖ < 1``. A warm start ``initial`` (the previous
-    inverse: EMA factors move slowly) is used when ``‖I − X₀ M‖_F < 1`` for every matrix of the
-    batch (judged by :func:`spectral_radius_estimate`, restarting cold if it diverges); otherwise the cold start ``X₀ = I / ‖M‖_F`` is used, which converges for any SPD M
-    because the eigenvalues of ``I − M/‖M‖_F`` lie in ``[0, 1)``. X is symmetrized after each
-    step so rounding cannot drift it away from a symmetric matrix.
+    residual squares every step once the spectral radius of ``E_0`` is below 1.
+
+    Warm start: ``initial`` (the previous inverse; EMA factors move slowly) is used when
+    :func:`spectral_radius_estimate` of ``I − X₀ M`` is below 0.9 for every matrix of the batch,
+    and abandoned for a cold start if the residual then grows. Cold start: ``X₀ = I / ‖M‖_F``,
+    which converges for any SPD M because the eigenvalues of ``I − M/‖M‖_F`` lie in ``[0, 1)``.
+    X is symmetrized after each step so rounding cannot drift it away from a symmetric matrix.
 
     Args:
         M: SPD matrices, shape ``(..., n, n)``.
@@ -103,7 +105,7 @@ def newton_schulz_inverse(
     residual = float("inf")
     first = None
     iters = 0
-    for iters in range(max_iters + 1):  # noqa: B007 - iters is reported
+    for iters in range(max_iters + 1):
         E = eye - X @ Mw
         residual = float(torch.linalg.matrix_norm(E).max())
         first = residual if first is None else first
