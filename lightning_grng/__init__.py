@@ -3,6 +3,7 @@ PyTorch and PyTorch Lightning."""
 
 from lightning_grng.__about__ import __version__
 from lightning_grng.attach import CurvatureHandle, attach
+from lightning_grng.lightning import GRNGCallback, GRNGStrategy
 from lightning_grng.optim import KFAC, RENG, RING, GRNGOptimizer, regularized_backward
 
 __all__ = [
@@ -10,7 +11,9 @@ __all__ = [
     "RENG",
     "RING",
     "CurvatureHandle",
+    "GRNGCallback",
     "GRNGOptimizer",
+    "GRNGStrategy",
     "__version__",
     "attach",
     "regularized_backward",

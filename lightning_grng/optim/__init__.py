@@ -2,7 +2,15 @@
 
 from lightning_grng.optim.base import FALLBACK_UPDATE, GRNGOptimizer
 from lightning_grng.optim.kfac import KFAC
-from lightning_grng.optim.reng import RENG, regularized_backward
+from lightning_grng.optim.reng import RENG, gradient_penalty, regularized_backward
 from lightning_grng.optim.ring import RING
 
-__all__ = ["FALLBACK_UPDATE", "KFAC", "RENG", "RING", "GRNGOptimizer", "regularized_backward"]
+__all__ = [
+    "FALLBACK_UPDATE",
+    "KFAC",
+    "RENG",
+    "RING",
+    "GRNGOptimizer",
+    "gradient_penalty",
+    "regularized_backward",
+]

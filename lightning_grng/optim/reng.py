@@ -103,14 +103,14 @@ class RENG(KFAC):
     def _gradients(
         self, params: list[Tensor], closure: Callable[[], Any] | None
     ) -> tuple[Any, list[Tensor]]:
-        if self._grads_regularized:  # regularized_backward() already produced ∇ℓ_G
-            self._grads_regularized = False
-            return super()._gradients(params, closure)
         if self.gr_mode is GRMode.FINITE_DIFFERENCE and self.regularizes:
             return self._finite_difference_gradients(closure)
-        loss, _ = super()._gradients(params, closure)
+        loss, _ = super()._gradients(params, closure)  # runs the closure (Lightning's backward)
         params = [p for p in self.flat_params() if p.grad is not None]
         grads = [p.grad for p in params]
+        if self._grads_regularized:  # regularized_backward() already produced ∇ℓ_G
+            self._grads_regularized = False
+            return loss, [g.detach() for g in grads]
         graph = [(p, g) for p, g in zip(params, grads, strict=True) if g.requires_grad]
         if self.regularizes and not graph:
             raise RuntimeError(
@@ -183,24 +183,37 @@ class RENG(KFAC):
         return sq
 
 
-def regularized_backward(loss: Tensor, optimizer: RENG, micro_batches: int = 1) -> None:
-    """One ordinary backward that accumulates ``∇(ℓ + ρ/2‖∇ℓ‖²)`` into ``.grad``.
+def gradient_penalty(loss: Tensor, optimizer: RENG, loss_scale: float = 1.0) -> Tensor | None:
+    """The penalty whose gradient is ``ρ·H g``, built from an out-of-place inner gradient.
 
-    The inner gradient is taken out of place with ``create_graph=True`` (it also feeds the
-    curvature statistics), then a single backward of the regularized loss follows; this is the
-    backward DDP can synchronize. With gradient accumulation over ``micro_batches`` steps whose
-    losses are divided by that number, the penalty is formed per micro-batch:
-    ``∇(ℓ_i + ρ/2‖∇ℓ_i‖²)/N`` is accumulated for each micro-batch ``i``.
+    ``loss`` is ``loss_scale · ℓ`` (e.g. ``1/N`` under gradient accumulation over N
+    micro-batches, times the AMP loss scale). The inner ``autograd.grad(..., create_graph=True)``
+    is the plain loss's backward: it feeds the curvature statistics. The returned penalty
+    ``ρ/(2c)·‖∇(cℓ)‖²`` has gradient ``c·ρ·Hg``, so adding its backward to the loss's gives
+    ``c·∇(ℓ + ρ/2‖∇ℓ‖²)`` for this micro-batch. Returns None when ρ = 0 everywhere.
     """
+    if not optimizer.regularizes:
+        return None
     rho_of = optimizer._rho_of()
     params = [p for p in optimizer.flat_params() if p.requires_grad]
-    if not optimizer.regularizes:
-        loss.backward()
-        return
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     used = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
-    optimizer._record_plain_grad_norm([g * micro_batches for _, g in used])
-    penalty = sum(0.5 * micro_batches * rho_of[p] * g.pow(2).sum() for p, g in used)
+    optimizer._record_plain_grad_norm([g.detach() / loss_scale for _, g in used])
+    return sum(0.5 / loss_scale * rho_of[p] * g.pow(2).sum() for p, g in used)  # type: ignore[return-value]
+
+
+def regularized_backward(loss: Tensor, optimizer: RENG, loss_scale: float = 1.0) -> None:
+    """One ordinary backward that accumulates ``∇(ℓ + ρ/2‖∇ℓ‖²)`` into ``.grad``.
+
+    The inner gradient is taken out of place (see :func:`gradient_penalty`), then a single
+    backward of the regularized loss follows: this is the backward DDP can synchronize. With
+    gradient accumulation, pass ``loss_scale=1/N`` for losses divided by N: the penalty is then
+    formed per micro-batch, accumulating ``∇(ℓ_i + ρ/2‖∇ℓ_i‖²)/N``.
+    """
+    penalty = gradient_penalty(loss, optimizer, loss_scale)
+    if penalty is None:
+        loss.backward()
+        return
     with optimizer._gate.paused():
         (loss + penalty).backward()
     optimizer._grads_regularized = True

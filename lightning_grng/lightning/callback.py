@@ -1,0 +1,119 @@
+"""``GRNGCallback``: attaches the curvature hooks of every GRNG optimizer of a Trainer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_grng.attach import CurvatureHandle, attach
+from lightning_grng.lightning.strategy import (
+    RegularizedBackwardMixin,
+    double_backprop_optimizer,
+    loss_scale_of,
+)
+from lightning_grng.optim.base import GRNGOptimizer
+from lightning_grng.optim.reng import gradient_penalty
+
+
+class GRNGCallback(Callback):
+    """Registers the Fisher/Kalman hooks at fit start and removes them at teardown.
+
+    It finds every lightning_grng optimizer in ``trainer.optimizers``, maps its parameters to the
+    LightningModule's layers and attaches the hooks; it is inert when no such optimizer is
+    configured. Installing lightning-grng registers it through Lightning's
+    ``lightning.pytorch.callbacks_factory`` entry point, so it need not be added by hand; adding
+    it as well is harmless (only the first instance acts). It keeps no checkpoint state: the
+    curvature state lives in the optimizers' ``state_dict``.
+
+    When a double-backprop RENG trains under a strategy that does not drive it (anything but
+    :class:`GRNGStrategy` / ``GRNGDDPStrategy``), the callback forms the regularization term in
+    ``on_before_backward`` with one extra local backward and says so once.
+
+    Args:
+        log_diagnostics: log ``grng/grad_norm``, ``grng/damping``, ``grng/kl_scale`` and
+            ``grng/skipped_steps`` through the Trainer's loggers after each optimizer step.
+    """
+
+    def __init__(self, log_diagnostics: bool = True) -> None:
+        self.log_diagnostics = log_diagnostics
+        self._handles: list[CurvatureHandle] = []
+        self._active = False
+        self._announced_fallback = False
+        self._logged_step: dict[int, int] = {}
+
+    @staticmethod
+    def grng_optimizers(trainer: pl.Trainer) -> list[GRNGOptimizer]:
+        return [
+            o
+            for o in (getattr(o, "optimizer", o) for o in trainer.optimizers)
+            if isinstance(o, GRNGOptimizer)
+        ]
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        first = next(cb for cb in trainer.callbacks if isinstance(cb, GRNGCallback))  # type: ignore[attr-defined]
+        self._active = first is self
+        if not self._active:
+            return
+        for optimizer in self.grng_optimizers(trainer):
+            self._handles.append(attach(pl_module, optimizer))
+
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        if not self._active or isinstance(trainer.strategy, RegularizedBackwardMixin):
+            return
+        reng = double_backprop_optimizer(None, self.grng_optimizers(trainer))
+        if reng is None:
+            return
+        if not self._announced_fallback:
+            self._announced_fallback = True
+            rank_zero_info(
+                f"lightning_grng: strategy {type(trainer.strategy).__name__} does not drive "
+                "RENG's double backprop, so GRNGCallback adds the gradient-regularization term "
+                "with one extra local backward per step; use strategy=GRNGStrategy() (or "
+                "GRNGDDPStrategy) to avoid it."
+            )
+        penalty = gradient_penalty(loss, reng, loss_scale_of(trainer.strategy))
+        if penalty is not None:
+            # Its gradient ρ·Hg is accumulated now; Lightning's own backward of the loss adds g.
+            with reng._gate.paused():
+                penalty.backward(retain_graph=True)
+            reng._grads_regularized = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        if not (self._active and self.log_diagnostics):
+            return
+        optimizers = [h.optimizer for h in self._handles]
+        for i, opt in enumerate(optimizers):
+            if self._logged_step.get(id(opt)) == opt.grng_step or not opt.diagnostics:
+                continue  # no optimizer step since the last log (gradient accumulation)
+            self._logged_step[id(opt)] = opt.grng_step
+            prefix = "grng/" if len(optimizers) == 1 else f"grng/{i}/"
+            pl_module.log_dict(
+                {prefix + k: float(v) for k, v in opt.diagnostics.items()},
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._logged_step.clear()
+
+
+def callbacks_factory() -> list[Callback]:
+    """Entry point ``lightning.pytorch.callbacks_factory``: one GRNGCallback per Trainer."""
+    return [GRNGCallback()]
