@@ -1,0 +1,40 @@
+# The README's two commands are `make demo` (the main job) and `make test` (the tests).
+# Both create .venv on first use: torch==2.13.0 is installed first so pip takes the local CPU
+# wheel instead of the multi-GB CUDA build, then the package with its test extras.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FIT_CONFIG := --config examples/configs/fashion_mnist.yaml --config examples/configs/optim/ring.yaml
+
+.PHONY: install data demo test lint bench bench-quick clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+data: install
+	$(PY) -m examples.data.fetch fashion-mnist
+
+# Main job: a small CNN on Fashion-MNIST with RING through the LightningCLI (progress bar,
+# checkpoint in runs/fashion_mnist/checkpoints), then the test accuracy of the last checkpoint.
+demo: data
+	rm -rf runs/fashion_mnist/checkpoints
+	$(PY) -m examples.train fit $(FIT_CONFIG)
+	$(PY) -m examples.train test $(FIT_CONFIG) --ckpt_path runs/fashion_mnist/checkpoints/last.ckpt
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m pip install --quiet ruff
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of the GRNG optimizers (see benchmarks/README.md)."""
