@@ -82,24 +82,41 @@ def grid() -> dict[str, object]:
     return configs
 
 
+def finalists() -> dict[str, object]:
+    """The candidates for the defaults, compared over several seeds."""
+    return {
+        "AdamW lr=0.003": lambda p: torch.optim.AdamW(p, lr=3e-3),
+        "KFAC lr=0.02": lambda p: lg.KFAC(p, lr=0.02),
+        "RING-eigh lr=0.02": lambda p: lg.RING(p, lr=0.02, inverse="eigh"),
+        "RING-eigh lr=0.05": lambda p: lg.RING(p, lr=0.05, inverse="eigh"),
+        "RING-newton lr=0.02": lambda p: lg.RING(p, lr=0.02, inverse="newton"),
+        "RING-newton lr=0.05": lambda p: lg.RING(p, lr=0.05, inverse="newton"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--subset", type=int, default=10000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--only", default=None, help="substring filter on config names")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--finalists", action="store_true", help="compare finalists over seeds")
+    parser.add_argument("--seeds", type=int, default=1)
     args = parser.parse_args()
     dm = FashionMNISTDataModule(batch_size=128, subset=args.subset)
     dm.setup("fit")
     loaders = (dm.train_dataloader(), dm.val_dataloader())
     rows = []
-    for name, make in grid().items():
-        if args.only and args.only not in name:
-            continue
-        acc, seconds, norm = run(make, loaders, args.epochs)
-        rows.append(dict(config=name, val_acc=round(acc, 4), seconds=round(seconds, 1),
-                         mean_grad_norm=round(norm, 4)))  # fmt: skip
-        print(f"{name:40} val_acc={acc:.4f} time={seconds:6.1f}s grad_norm={norm:.3f}", flush=True)
+    configs = finalists() if args.finalists else grid()
+    for seed in range(args.seeds):
+        for name, make in configs.items():
+            if args.only and args.only not in name:
+                continue
+            acc, seconds, norm = run(make, loaders, args.epochs, seed=seed)
+            rows.append(dict(config=name, seed=seed, val_acc=round(acc, 4),
+                             seconds=round(seconds, 1), mean_grad_norm=round(norm, 4)))  # fmt: skip
+            print(f"{name:40} seed={seed} val_acc={acc:.4f} time={seconds:6.1f}s "
+                  f"grad_norm={norm:.3f}", flush=True)  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("w", newline="") as f:

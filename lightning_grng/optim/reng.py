@@ -56,7 +56,7 @@ class RENG(KFAC):
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 0.05,
+        lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         damping: float = 0.1,
