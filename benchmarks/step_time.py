@@ -86,7 +86,7 @@ class Runner:
 
         loss = self.opt.step(closure)
         self.times.append(time.perf_counter() - start)
-        return float(loss)
+        return float(loss.detach())
 
 
 def measure(
