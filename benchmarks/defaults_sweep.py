@@ -76,9 +76,7 @@ def grid() -> dict[str, object]:
             p, lr=0.05, kl_clip=kl
         )
     for rho in (0.01, 1.0):
-        configs[f"RING lr=0.05 damping=0.1 rho={rho}"] = lambda p, r=rho: lg.RING(
-            p, lr=0.05, rho=r
-        )
+        configs[f"RING lr=0.05 damping=0.1 rho={rho}"] = lambda p, r=rho: lg.RING(p, lr=0.05, rho=r)
     return configs
 
 

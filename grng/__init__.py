@@ -1,5 +1,5 @@
 """Short import path for the optimizers, so ``--optimizer grng.RING`` works on a LightningCLI."""
 
-from lightning_grng import KFAC, RENG, RING
+from lightning_grng import KFAC, RENG, RING, RKalman
 
-__all__ = ["KFAC", "RENG", "RING"]
+__all__ = ["KFAC", "RENG", "RING", "RKalman"]

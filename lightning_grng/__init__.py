@@ -4,7 +4,7 @@ PyTorch and PyTorch Lightning."""
 from lightning_grng.__about__ import __version__
 from lightning_grng.attach import CurvatureHandle, attach
 from lightning_grng.lightning import GRNGCallback, GRNGStrategy
-from lightning_grng.optim import KFAC, RENG, RING, GRNGOptimizer, regularized_backward
+from lightning_grng.optim import KFAC, RENG, RING, GRNGOptimizer, RKalman, regularized_backward
 
 __all__ = [
     "KFAC",
@@ -14,6 +14,7 @@ __all__ = [
     "GRNGCallback",
     "GRNGOptimizer",
     "GRNGStrategy",
+    "RKalman",
     "__version__",
     "attach",
     "regularized_backward",

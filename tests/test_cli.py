@@ -30,15 +30,16 @@ def _metrics_header(root: Path) -> str:
     return (root / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
 
 
-def test_cli_optimizer_shorthand(tmp_path):
+@pytest.mark.parametrize("name", ["RING", "RKalman"])
+def test_cli_optimizer_shorthand(tmp_path, name):
     run = _cli(
         "fit", *SMALL, "--trainer.default_root_dir", str(tmp_path),
-        "--optimizer", "grng.RING", "--optimizer.rho", "0.1",
+        "--optimizer", f"grng.{name}", "--optimizer.rho", "0.1",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "grng/damping" in _metrics_header(tmp_path)
     config = (tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text()
-    assert "class_path: grng.RING" in config and "rho: 0.1" in config
+    assert f"class_path: grng.{name}" in config and "rho: 0.1" in config
 
 
 def test_cli_yaml_class_path_with_strategy_from_yaml(tmp_path):

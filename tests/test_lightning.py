@@ -100,7 +100,11 @@ def reng(p):
     return lg.RENG(p, rho=0.5, curvature_every=1, inverse_every=2)
 
 
-@pytest.mark.parametrize("make_opt", [kfac, ring], ids=["KFAC", "RING"])
+def rkalman(p):
+    return lg.RKalman(p, rho=0.1, curvature_every=1)
+
+
+@pytest.mark.parametrize("make_opt", [kfac, ring, rkalman], ids=["KFAC", "RING", "RKalman"])
 def test_entry_point_callback_trains_like_plain_pytorch(make_opt):
     model = Tiny(make_opt)
     trainer = _trainer(max_steps=4)
@@ -215,7 +219,7 @@ def _resumable(make_opt, tmp_path, epochs, ckpt_path=None):
     return model, trainer
 
 
-@pytest.mark.parametrize("make_opt", [ring, reng], ids=["RING", "RENG"])
+@pytest.mark.parametrize("make_opt", [ring, reng, rkalman], ids=["RING", "RENG", "RKalman"])
 def test_fit_resumes_with_all_curvature_state(make_opt, tmp_path):
     straight, _ = _resumable(make_opt, tmp_path / "a", epochs=4)
     _resumable(make_opt, tmp_path / "b", epochs=2)

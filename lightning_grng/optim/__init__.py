@@ -4,6 +4,7 @@ from lightning_grng.optim.base import FALLBACK_UPDATE, GRNGOptimizer
 from lightning_grng.optim.kfac import KFAC
 from lightning_grng.optim.reng import RENG, gradient_penalty, regularized_backward
 from lightning_grng.optim.ring import RING
+from lightning_grng.optim.rkalman import RKalman
 
 __all__ = [
     "FALLBACK_UPDATE",
@@ -11,6 +12,7 @@ __all__ = [
     "RENG",
     "RING",
     "GRNGOptimizer",
+    "RKalman",
     "gradient_penalty",
     "regularized_backward",
 ]

@@ -227,11 +227,15 @@ class GRNGOptimizer(Optimizer):
         }
         return loss
 
+    def _raise_damping(self) -> None:
+        """After a failure: double the damping boost (it halves again on each good step)."""
+        self.damping_boost = min(self.damping_boost * 2.0, _MAX_DAMPING_BOOST)
+
     def _skip_step(self, capture: CurvatureCapture) -> None:
         """Non-finite gradients: no update, statistics dropped, damping raised, counted."""
         capture.reset()
         self.skipped_steps += 1
-        self.damping_boost = min(self.damping_boost * 2.0, _MAX_DAMPING_BOOST)
+        self._raise_damping()
         self.diagnostics = {
             "grad_norm": float("nan"),
             "damping": self._effective_damping(self.param_groups[0], 0.0),

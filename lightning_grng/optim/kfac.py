@@ -102,7 +102,7 @@ class KFAC(GRNGOptimizer):
             if not factors.refresh(self.inverse, damping, self.newton_iters):
                 # Keep the last good preconditioner; make the next one better conditioned.
                 self.inverse_failures += 1
-                self.damping_boost = min(self.damping_boost * 2.0, 2.0**20)
+                self._raise_damping()
 
     def _precondition_block(
         self, key: str, block: KroneckerBlock, V: Tensor, group: dict[str, Any], grad_sq: float

@@ -1,0 +1,266 @@
+"""RKalman: the Bayesian member of the family, a Kronecker-factored Kalman filter that never
+inverts the Fisher."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any
+
+from torch import Tensor
+
+from lightning_grng.curvature.block import KroneckerBlock
+from lightning_grng.curvature.capture import LossReduction
+from lightning_grng.curvature.inverse import working_dtype
+from lightning_grng.curvature.kalman import (
+    KalmanAccumulator,
+    KalmanFactors,
+    Measurement,
+    MeasurementMethod,
+)
+from lightning_grng.optim.base import GRNGOptimizer, ParamsT
+from lightning_grng.optim.validation import check_choice, check_int, check_range
+
+
+class RhoMode(str, Enum):
+    """Where the gradient regularizer enters the filter."""
+
+    DAMPING = "damping"
+    NOISE = "noise"
+
+
+class RKalman(GRNGOptimizer):
+    """Regularized Kalman: natural gradient as a Kronecker-factored Kalman filter, no inversion.
+
+    Per layer the optimizer keeps the posterior covariance of the weights as
+    ``P_A ⊗ P_G / N`` (Ollivier 2018: an extended Kalman filter on static parameters is online
+    natural gradient) and updates it with inversion-free recursions only: a predict step with
+    forgetting (``P ← P/ε``), a damping floor that survives forgetting (a convergent power series
+    for ``(Λ + cI)⁻¹``), and measurement steps that absorb k compressed activation / error
+    vectors with scalar-innovation Sherman–Morrison updates. The mean step is
+    ``θ ← θ − lr · P_G · mat(g) · P_A / N``: ``lr = 1`` is the Kalman (Bayesian) step, and with
+    forgetting ε the step is ``lr·(1−ε)`` times KFAC's natural-gradient step with factored
+    damping. See ``docs/algorithms.md §7`` for the derivation.
+
+    Gradient regularization ``ℓ + ρ/2‖∇ℓ‖²`` enters the filter. ``rho_mode="damping"``
+    (default): the GR curvature ``ρ‖g‖²I`` of each batch's quadratic model (RING's derivation)
+    is absorbed with the batch as information, so the floor becomes ``λ + ρ·avg‖g‖²`` with the
+    same memory as the statistics, and the mean step uses g. ``rho_mode="noise"``: the batch's
+    observation noise is inflated by ``1 + ρ‖g‖²``, so a batch with a large gradient carries
+    less information and moves the mean less. ``rho=0`` is the plain filter in both modes. ‖g‖
+    is the global gradient norm.
+
+    With ``forgetting=1``, ``observation_noise=σ²``, ``loss_reduction="sum"`` on the Gaussian
+    negative log-likelihood, ``measurement="rows"`` with ``measurement_size`` >= the batch,
+    ``lr=1``, no momentum and no KL-clip, a linear layer ends at the exact Bayesian (ridge)
+    posterior with prior precision ``prior_count · damping``, whatever the batch split.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate; 1 is the Kalman step (the Bayesian posterior mean update).
+        momentum: heavy-ball momentum on the preconditioned update, in [0, 1).
+        weight_decay: decoupled weight decay (``θ ← θ·(1 − lr·wd)``), >= 0.
+        damping: the floor λ > 0 on the per-sample Fisher (``Λ̄_A ⊗ Λ̄_G ≈ A ⊗ G + λI``, split
+            between the factors as in KFAC); also sets the prior precision ``prior_count·λ``.
+        rho: gradient-regularization strength ρ >= 0.
+        rho_mode: ``"damping"`` (ρ‖g‖² is curvature absorbed with the batch) or ``"noise"``
+            (it inflates the batch's observation noise).
+        forgetting: ε in (0, 1]: the predict step keeps ``ε`` of the information per filter
+            update (memory ``1/(1−ε)`` updates); 1 is exact Bayesian updating.
+        prior_count: N₀ > 0, the prior's weight in units of information (filter updates for
+            a mean-reduced loss, samples for a sum-reduced one); the prior precision is
+            ``N₀·λ``. None: the stationary count ``c/(1−ε)`` (c: the first update's
+            information), which makes the filter KFAC's moving average from the first step;
+            required when ``forgetting=1``.
+        observation_noise: σ² > 0 when the training loss is the Gaussian negative
+            log-likelihood ``‖y − ŷ‖²/(2σ²)`` of each block's outputs with known noise: then
+            ``P_G = σ²I`` is fixed and only ``P_A`` is filtered (exact for a linear-Gaussian
+            layer; a one-sided preconditioner for hidden layers). None (default): ``P_G`` is
+            filtered from the back-propagated errors (``fisher``).
+        measurement: ``"sketch"`` (k Gaussian sketch vectors ``XᵀΩ`` per factor) or ``"rows"``
+            (k rows drawn at random; all rows, exactly, when a pass has at most k).
+        measurement_size: k >= 1, measurement vectors per factor and pass.
+        floor_tol: bound on the relative over-application of each damping-floor increment by
+            its truncated power series, in (0, 1) (one matmul per factor at the default).
+        curvature_every: run the filter (statistics and update) every this many steps.
+        kl_clip: bound on the step's predicted KL change ``lr²·⟨U, g⟩``; None disables it.
+        fisher: ``"empirical"`` (from the training loss's backward) or ``"mc"`` (labels sampled
+            from the model; needs :meth:`mc_fisher_backward`).
+        loss_reduction: how the training loss reduces over samples, ``"mean"`` or ``"sum"``;
+            sets the unit of information (one update, or one sample).
+        seed: seed of the measurement draws (sketches, row samples), >= 0.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: float = 0.1,
+        rho: float = 0.01,
+        rho_mode: str = "damping",
+        forgetting: float = 0.95,
+        prior_count: float | None = None,
+        observation_noise: float | None = None,
+        measurement: str = "sketch",
+        measurement_size: int = 16,
+        floor_tol: float = 0.1,
+        curvature_every: int = 5,
+        kl_clip: float | None = 1e-2,
+        fisher: str = "empirical",
+        loss_reduction: str = "mean",
+        seed: int = 0,
+    ) -> None:
+        name = type(self).__name__
+        self.forgetting = check_range(name, "forgetting", forgetting, 0.0, 1.0, low_open=True)
+        if prior_count is not None:
+            prior_count = check_range(name, "prior_count", prior_count, 0.0, low_open=True)
+        elif self.forgetting == 1.0:
+            raise ValueError(
+                f"{name}: invalid prior_count=None with forgetting=1.0; allowed: a number in "
+                "(0.0, inf) (without forgetting the prior's weight cannot default to the "
+                "stationary count 1/(1 - forgetting))."
+            )
+        self.prior_count = prior_count
+        if observation_noise is not None:
+            observation_noise = check_range(
+                name, "observation_noise", observation_noise, 0.0, low_open=True
+            )
+        self.observation_noise = observation_noise
+        self.rho_mode = check_choice(name, "rho_mode", rho_mode, RhoMode)
+        self.measurement = check_choice(name, "measurement", measurement, MeasurementMethod)
+        self.measurement_size = check_int(name, "measurement_size", measurement_size)
+        self.floor_tol = check_range(
+            name, "floor_tol", floor_tol, 0.0, 1.0, low_open=True, high_open=True
+        )
+        self.seed = check_int(name, "seed", seed, low=0)
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            damping=damping,
+            curvature_every=curvature_every,
+            kl_clip=kl_clip,
+            fisher=fisher,
+            loss_reduction=loss_reduction,
+        )
+        self._add_group_default("rho", check_range(name, "rho", rho, 0.0))
+        self._filters: dict[str, KalmanFactors] = {}
+        self._pending: dict[str, Measurement] = {}
+        self._step_gain: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ statistics
+    def _new_accumulator(self, block: KroneckerBlock) -> KalmanAccumulator:
+        index = int(next(k for k, b in self._blocks.items() if b is block))
+        return KalmanAccumulator(
+            self.measurement,
+            self.measurement_size,
+            seed_fn=lambda: (self.seed * 65_537 + self.grng_step) * 4_099 + index,
+            need_g=self.observation_noise is None,
+        )
+
+    def filter(self, key: str) -> KalmanFactors | None:
+        """The filter state of block ``key`` (None before its first update)."""
+        return self._filters.get(key)
+
+    @property
+    def filters(self) -> dict[str, KalmanFactors]:
+        """Filter states by block key (blocks that have had an update)."""
+        return dict(self._filters)
+
+    @property
+    def filter_failures(self) -> int:
+        """Filter updates rejected (non-finite or non-positive result) over all blocks."""
+        return sum(f.failures for f in self._filters.values())
+
+    def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> bool:
+        meas = accumulator.measurement(LossReduction(self.loss_reduction) is LossReduction.MEAN)
+        if not meas.finite():
+            return False
+        self._pending[key] = meas
+        return True
+
+    def _information(self, meas: Measurement) -> float:
+        """c: one unit per update for a mean-reduced loss, one per sample for a sum."""
+        if LossReduction(self.loss_reduction) is LossReduction.SUM:
+            return float(max(meas.samples, 1))
+        return 1.0
+
+    def _noise_weight(self, group: dict[str, Any], grad_sq_norm: float) -> float:
+        """``1/(1 + ρ‖g‖²)`` in ``"noise"`` mode (the batch's information and mean step)."""
+        if self.rho_mode is RhoMode.NOISE and group["rho"] > 0.0:
+            return 1.0 / (1.0 + group["rho"] * grad_sq_norm)
+        return 1.0
+
+    def _gr_damping(self, group: dict[str, Any], grad_sq_norm: float) -> float:
+        """``ρ‖g‖²`` in ``"damping"`` mode (the GR curvature absorbed with the batch), else 0."""
+        if self.rho_mode is RhoMode.DAMPING:
+            return group["rho"] * grad_sq_norm
+        return 0.0
+
+    def _effective_damping(self, group: dict[str, Any], grad_sq_norm: float) -> float:
+        """The product floor of this update, ``λ (+ ρ‖g‖²)``, times the failure boost."""
+        return (group["damping"] + self._gr_damping(group, grad_sq_norm)) * self.damping_boost
+
+    def _refresh(self, grad_sq_norm: float) -> None:
+        """Runs the filter update of every block measured this step."""
+        pending, self._pending = self._pending, {}
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        for key, meas in pending.items():
+            block = self._blocks[key]
+            group = group_of[block.weight]
+            state = self._filters.get(key)
+            if state is None:
+                state = KalmanFactors(working_dtype(block.weight.dtype))
+            ok = state.update(
+                meas,
+                information=self._information(meas) * self._noise_weight(group, grad_sq_norm),
+                forgetting=self.forgetting,
+                damping=group["damping"] * self.damping_boost,
+                gr_damping=self._gr_damping(group, grad_sq_norm) * self.damping_boost,
+                prior_count=self.prior_count,
+                observation_noise=self.observation_noise,
+                floor_tol=self.floor_tol,
+            )
+            if state.ready:
+                self._filters[key] = state
+            if not ok:
+                # Keep the last good filter; make the next update better conditioned.
+                self._raise_damping()
+
+    # ------------------------------------------------------------------ the mean step
+    def _precondition_block(
+        self, key: str, block: KroneckerBlock, V: Tensor, group: dict[str, Any], grad_sq: float
+    ) -> Tensor | None:
+        state = self._filters.get(key)
+        if state is None or not state.ready:
+            return None
+        gain = self._noise_weight(group, grad_sq) / state.count
+        if not math.isfinite(gain):
+            return None
+        return state.precondition(V).mul_(gain)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _block_state(self, key: str) -> dict[str, Any]:
+        state = self._filters.get(key)
+        return {} if state is None else state.state_dict()
+
+    def _load_block_state(self, key: str, state: dict[str, Any]) -> None:
+        block = self._blocks[key]
+        if not state:
+            self._filters.pop(key, None)
+            return
+        factors = KalmanFactors(working_dtype(block.weight.dtype))
+        factors.load_state_dict(state, block.weight.device)
+        expected = {"P_A": block.n_in, "P_G": block.n_out}
+        for name, n in expected.items():
+            value = getattr(factors, name)
+            if value is not None and tuple(value.shape) != (block.groups, n, n):
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: filter factor {name} of module "
+                    f"'{block.name}' has shape {tuple(value.shape)}, expected "
+                    f"{(block.groups, n, n)}; the checkpoint belongs to another model."
+                )
+        self._filters[key] = factors
