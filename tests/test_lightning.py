@@ -200,7 +200,8 @@ def test_diagnostics_are_logged(tmp_path):
     trainer = _trainer(max_steps=5, logger=CSVLogger(tmp_path), log_every_n_steps=1)
     trainer.fit(model, _loader(16))
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
-    for key in ("grng/grad_norm", "grng/damping", "grng/kl_scale", "grng/skipped_steps"):
+    keys = ("grng/loss", "grng/grad_norm", "grng/damping", "grng/kl_scale", "grng/skipped_steps")
+    for key in keys:
         assert key in header[0]
 
 

@@ -35,8 +35,9 @@ class GRNGCallback(Callback):
     ``on_before_backward`` with one extra local backward and says so once.
 
     Args:
-        log_diagnostics: log ``grng/grad_norm``, ``grng/damping``, ``grng/kl_scale`` and
-            ``grng/skipped_steps`` through the Trainer's loggers after each optimizer step.
+        log_diagnostics: log ``grng/loss`` (the training-step loss), ``grng/grad_norm``,
+            ``grng/damping``, ``grng/kl_scale`` and ``grng/skipped_steps`` through the
+            Trainer's loggers after each optimizer step.
     """
 
     def __init__(self, log_diagnostics: bool = True) -> None:
@@ -89,22 +90,26 @@ class GRNGCallback(Callback):
 
     @override
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
         if not (self._active and self.log_diagnostics):
             return
         optimizers = [h.optimizer for h in self._handles]
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         for i, opt in enumerate(optimizers):
             if self._logged_step.get(id(opt)) == opt.grng_step or not opt.diagnostics:
                 continue  # no optimizer step since the last log (gradient accumulation)
             self._logged_step[id(opt)] = opt.grng_step
             prefix = "grng/" if len(optimizers) == 1 else f"grng/{i}/"
-            pl_module.log_dict(
-                {prefix + k: float(v) for k, v in opt.diagnostics.items()},
-                on_step=True,
-                on_epoch=False,
-                batch_size=1,
-            )
+            values = {prefix + k: float(v) for k, v in opt.diagnostics.items()}
+            if isinstance(loss, Tensor):  # the training loss even if the module logs nothing
+                values["grng/loss"] = float(loss.detach())
+            pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
