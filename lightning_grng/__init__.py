@@ -3,7 +3,7 @@ PyTorch and PyTorch Lightning."""
 
 from lightning_grng.__about__ import __version__
 from lightning_grng.attach import CurvatureHandle, attach
-from lightning_grng.lightning import GRNGCallback, GRNGStrategy
+from lightning_grng.lightning import GRNGCallback, GRNGDDPStrategy, GRNGStrategy
 from lightning_grng.optim import KFAC, RENG, RING, GRNGOptimizer, RKalman, regularized_backward
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "RING",
     "CurvatureHandle",
     "GRNGCallback",
+    "GRNGDDPStrategy",
     "GRNGOptimizer",
     "GRNGStrategy",
     "RKalman",

@@ -10,12 +10,16 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_grng.distributed.collectives import Sharding
+from lightning_grng.optim.base import GRNGOptimizer
 from lightning_grng.optim.reng import RENG, GRMode, gradient_penalty
 
 
@@ -117,3 +121,99 @@ class GRNGStrategy(RegularizedBackwardMixin, SingleDeviceStrategy):
 
 
 GRNGStrategy.register_strategies(StrategyRegistry)
+
+
+class GRNGDDPStrategy(RegularizedBackwardMixin, DDPStrategy):
+    """DDP with sharded curvature: each Kronecker block has one owner rank.
+
+    Every GRNG optimizer of the run gets a :class:`~lightning_grng.distributed.Sharding` at
+    setup. At a curvature step the blocks' statistics are *reduced to their owner* (one
+    ``reduce`` per owner rank, never all-reduced), the owner alone keeps the EMA / Kalman
+    factors, inverts them and preconditions the block's DDP-averaged gradient, and one
+    ``all_reduce`` of a flat buffer gives every rank every block's direction; KL-clip,
+    momentum and weight decay then run identically everywhere. Factor memory per rank is about
+    1/world of the single-process total. Checkpoints are consolidated on rank 0 (all blocks)
+    and re-sharded on load, also onto another world size. ``docs/distributed.md`` has the
+    design and the diagram.
+
+    RENG's double backprop runs as a local ``autograd.grad(..., create_graph=True)`` followed by
+    one ordinary backward that DDP synchronizes (DDP cannot ``backward(create_graph=True)``).
+    The penalty is the *global* one, ``ρ/2‖∇ℓ‖²`` of the loss averaged over ranks: one extra
+    all-reduce of gradient size per backward.
+
+    Select it with ``Trainer(strategy=GRNGDDPStrategy())``, ``strategy="grng_ddp"`` (after
+    importing lightning_grng) or ``trainer.strategy.class_path: lightning_grng.GRNGDDPStrategy``
+    in YAML. Arguments are those of :class:`~lightning.pytorch.strategies.DDPStrategy`
+    (extra keyword arguments go to ``DistributedDataParallel``). ``static_graph=True`` with
+    gradient accumulation is rejected (torch issue #143580).
+    """
+
+    strategy_name = "grng_ddp"
+
+    @override
+    def setup_environment(self) -> None:
+        self._check_static_graph()
+        super().setup_environment()
+
+    def _check_static_graph(self) -> None:
+        if not self._ddp_kwargs.get("static_graph", False):
+            return
+        module = self.lightning_module
+        trainer = None if module is None else module._trainer
+        accumulate = 1 if trainer is None else trainer.accumulate_grad_batches
+        if accumulate > 1:
+            raise MisconfigurationException(
+                f"GRNGDDPStrategy(static_graph=True) cannot be combined with "
+                f"Trainer(accumulate_grad_batches={accumulate}): DDP's static graph fails under "
+                "gradient accumulation (PyTorch issue #143580, also with plain SGD). Remove "
+                "static_graph=True or set accumulate_grad_batches=1."
+            )
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._check_static_graph()
+        super().setup(trainer)
+        for optimizer in self.optimizers:
+            optimizer = getattr(optimizer, "optimizer", optimizer)
+            if isinstance(optimizer, GRNGOptimizer):
+                optimizer._shard = (
+                    Sharding(self.global_rank, self.world_size) if self.world_size > 1 else None
+                )
+
+    @override
+    def _regularized_backward(self, loss: Tensor, reng: RENG, loss_scale: float) -> None:
+        if self.world_size <= 1:
+            super()._regularized_backward(loss, reng, loss_scale)
+            return
+        rho_of = reng._rho_of()
+        params = [p for p in reng.flat_params() if p.requires_grad]
+        # The plain loss's local backward: it feeds the curvature statistics (gate open).
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        local = [
+            torch.zeros_like(p) if g is None else g.detach()
+            for p, g in zip(params, grads, strict=True)
+        ]
+        mean = Sharding(self.global_rank, self.world_size).all_reduce_mean(local)
+        reng._record_plain_grad_norm([g / loss_scale for g in mean])
+        # ∇ of ρ/c·⟨g_r, ḡ⟩ (ḡ constant) is ρ·H_r ḡ; DDP's average gives ρ·H̄ḡ: the global GR.
+        penalty = sum(
+            (rho_of[p] / loss_scale) * (g * m).sum()
+            for p, g, m in zip(params, grads, mean, strict=True)
+            if g is not None
+        )
+        with reng._gate.paused():
+            (loss + penalty).backward()
+        reng._grads_regularized = True
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(
+                cls.strategy_name,
+                cls,
+                description="DDP with sharded GRNG curvature and RENG double backprop",
+            )
+
+
+GRNGDDPStrategy.register_strategies(StrategyRegistry)

@@ -88,6 +88,13 @@ class GRNGOptimizer(Optimizer):
         self.plain_grad_sq: float | None = None
         #: Values of the last step, for loggers: grad_norm, damping, kl_scale, skipped_steps.
         self.diagnostics: dict[str, float] = {}
+        #: Set by :class:`~lightning_grng.GRNGDDPStrategy`: which rank owns which block
+        #: (:class:`~lightning_grng.distributed.Sharding`); None in a single process.
+        self._shard: Any = None
+        self._consolidated: dict[str, Any] | None = None
+        # Failures within the current step, so DDP ranks can agree on the damping boost.
+        self._doublings = 0
+        self._boost_at_start = 1.0
 
     def _add_group_default(self, key: str, value: Any) -> None:
         """A per-group hyperparameter of a subclass (e.g. ``rho``); explicit group values win."""
@@ -110,6 +117,32 @@ class GRNGOptimizer(Optimizer):
 
     def _new_accumulator(self, block: KroneckerBlock) -> Any:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ sharding (DDP)
+    @property
+    def _sharded(self) -> bool:
+        return self._shard is not None and self._shard.world_size > 1
+
+    def _owns(self, key: str) -> bool:
+        """Whether this process keeps block ``key``'s curvature (always, in one process)."""
+        if not self._sharded:
+            return True
+        self._shard.bind(self._blocks)
+        return bool(self._shard.owns(key))
+
+    def _reduce_statistics(self, capture: CurvatureCapture) -> None:
+        """Brings every block's statistics of all ranks to its owner (DDP only)."""
+        self._shard.bind(self._blocks)
+        self._shard.reduce_factor_statistics(self._blocks, capture.accumulators)
+
+    def factor_bytes(self) -> int:
+        """Bytes of the curvature tensors this process holds (factors, inverses, filters)."""
+        return sum(
+            v.numel() * v.element_size()
+            for key in self._blocks
+            for v in self._block_state(key).values()
+            if isinstance(v, Tensor)
+        )
 
     def _attach(self, model: nn.Module, blocks: dict[str, KroneckerBlock]) -> CurvatureCapture:
         """Called by :func:`lightning_grng.attach`; registers the hooks."""
@@ -195,22 +228,32 @@ class GRNGOptimizer(Optimizer):
 
         # A good step relaxes the boost from earlier failures; failures below raise it again.
         self.damping_boost = max(1.0, self.damping_boost * 0.5)
+        self._boost_at_start = self.damping_boost
+        self._doublings = 0
         if self._curvature_due():
             self._absorb_statistics(capture, grad_of)
         self._refresh(grad_sq)
 
         directions: dict[Tensor, Tensor] = {}
         group_of = {p: group for group in self.param_groups for p in group["params"]}
+        preconditioned: dict[str, Tensor] = {}
         for key, block in self._blocks.items():
             block_params = block.params()
             if any(p not in grad_of for p in block_params):
                 continue  # unused this step (or bias frozen): fallback below handles the rest
+            if not self._owns(key):
+                continue  # DDP: its owner preconditions it; the result arrives below
             V = block.to_matrix(*[grad_of[p] for p in block_params])
             group = group_of[block.weight]
             U = self._precondition_block(key, block, V, group, grad_sq)
             if U is None or not torch.isfinite(U).all():
                 continue
-            directions.update(zip(block_params, block.from_matrix(U), strict=True))
+            preconditioned[key] = U
+        if self._sharded and self._blocks:
+            preconditioned = self._share_directions(preconditioned, grads)
+        for key, U in preconditioned.items():
+            block = self._blocks[key]
+            directions.update(zip(block.params(), block.from_matrix(U), strict=True))
         for p, g in grad_of.items():
             directions.setdefault(p, g)
 
@@ -230,6 +273,18 @@ class GRNGOptimizer(Optimizer):
     def _raise_damping(self) -> None:
         """After a failure: double the damping boost (it halves again on each good step)."""
         self.damping_boost = min(self.damping_boost * 2.0, _MAX_DAMPING_BOOST)
+        self._doublings += 1
+
+    def _share_directions(self, owned: dict[str, Tensor], grads: list[Tensor]) -> dict[str, Tensor]:
+        """DDP: every block's direction on every rank (one all-reduce), and the same damping
+        boost everywhere (the owners' failures of this step, counted over all ranks)."""
+        dtype = grads[0].dtype if grads else self._blocks[next(iter(self._blocks))].weight.dtype
+        for g in grads:
+            dtype = torch.promote_types(dtype, g.dtype)
+        doublings, self._doublings = self._doublings, 0
+        shared, total = self._shard.share_directions(self._blocks, owned, doublings, dtype)
+        self.damping_boost = min(self._boost_at_start * 2.0**total, _MAX_DAMPING_BOOST)
+        return shared
 
     def _skip_step(self, capture: CurvatureCapture) -> None:
         """Non-finite gradients: no update, statistics dropped, damping raised, counted."""
@@ -250,7 +305,11 @@ class GRNGOptimizer(Optimizer):
         )
 
     def _absorb_statistics(self, capture: CurvatureCapture, grad_of: dict[Tensor, Tensor]) -> None:
+        if self._sharded and self._blocks:
+            self._reduce_statistics(capture)
         for key, block in self._blocks.items():
+            if not self._owns(key):
+                continue
             acc = capture.accumulators[key]
             has_grad = block.weight in grad_of
             if acc.complete:
@@ -358,21 +417,44 @@ class GRNGOptimizer(Optimizer):
     def _load_block_state(self, key: str, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def _drop_block_state(self, key: str) -> None:
+        """Forgets block ``key``'s curvature state (DDP: another rank owns it)."""
+        raise NotImplementedError
+
     def state_dict(self) -> dict[str, Any]:
         """The torch state (momentum, param groups) plus a ``"grng"`` entry with all curvature
         state: factors and their inverse representations in their own dtypes, counters."""
         state = super().state_dict()
+        consolidated, self._consolidated = self._consolidated, None
+        if consolidated is not None:  # DDP, rank 0 after consolidate_state_dict()
+            blocks = {
+                key: {"module": b.name, **consolidated.get(key, {})}
+                for key, b in self._blocks.items()
+            }
+        else:
+            blocks = {
+                key: {"module": b.name, **self._block_state(key)} for key, b in self._blocks.items()
+            }
         state["grng"] = {
             "optimizer": type(self).__name__,
             "step": self.grng_step,
             "skipped_steps": self.skipped_steps,
             "damping_boost": self.damping_boost,
-            "blocks": {
-                key: {"module": block.name, **self._block_state(key)}
-                for key, block in self._blocks.items()
-            },
+            "blocks": blocks,
         }
         return state
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """DDP: gathers every block's curvature state from its owner to rank 0, so that rank 0's
+        next :meth:`state_dict` holds all blocks (a collective: call it on every rank; Lightning's
+        ``Strategy.optimizer_state`` does). A no-op in one process."""
+        if not self._sharded:
+            return
+        if to != 0:
+            raise ValueError(f"consolidate_state_dict(to={to}): only rank 0 is supported.")
+        self._shard.bind(self._blocks)
+        states = {key: self._block_state(key) for key in self._blocks}
+        self._consolidated = self._shard.gather_block_states(states)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state saved by the same optimizer class; curvature state is applied now if
@@ -408,7 +490,10 @@ class GRNGOptimizer(Optimizer):
                 f"model has {expected}; the checkpoint belongs to a different model."
             )
         for key, block_state in saved.items():
-            self._load_block_state(key, block_state)
+            if self._owns(key):  # DDP: re-shard under the current world size
+                self._load_block_state(key, block_state)
+            else:
+                self._drop_block_state(key)
         self.grng_step = int(grng["step"])
         self.skipped_steps = int(grng["skipped_steps"])
         self.damping_boost = float(grng["damping_boost"])

@@ -129,3 +129,6 @@ class KFAC(GRNGOptimizer):
                     f"{(block.groups, expect, expect)}; the checkpoint belongs to another model."
                 )
         self._factors[key] = factors
+
+    def _drop_block_state(self, key: str) -> None:
+        self._factors.pop(key, None)

@@ -157,7 +157,12 @@ class RKalman(GRNGOptimizer):
         return KalmanAccumulator(
             self.measurement,
             self.measurement_size,
-            seed_fn=lambda: (self.seed * 65_537 + self.grng_step) * 4_099 + index,
+            # Under DDP every rank draws its own sketches (rank 0's draws are the 1-process ones).
+            seed_fn=lambda: (
+                (self.seed * 65_537 + self.grng_step) * 4_099
+                + index
+                + 1_000_033 * (self._shard.rank if self._shard is not None else 0)
+            ),
             need_g=self.observation_noise is None,
         )
 
@@ -264,3 +269,10 @@ class RKalman(GRNGOptimizer):
                     f"{(block.groups, n, n)}; the checkpoint belongs to another model."
                 )
         self._filters[key] = factors
+
+    def _drop_block_state(self, key: str) -> None:
+        self._filters.pop(key, None)
+
+    def _reduce_statistics(self, capture: Any) -> None:
+        self._shard.bind(self._blocks)
+        self._shard.gather_kalman_statistics(self._blocks, capture.accumulators)
