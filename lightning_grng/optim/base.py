@@ -417,6 +417,18 @@ class GRNGOptimizer(Optimizer):
     def _load_block_state(self, key: str, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def _check_factor_shapes(
+        self, block: KroneckerBlock, factors: dict[str, Any], label: str = "factor"
+    ) -> None:
+        """Refuses a checkpoint whose factor ``name -> (tensor, n)`` is not ``(groups, n, n)``."""
+        for name, (value, n) in factors.items():
+            if value is not None and tuple(value.shape) != (block.groups, n, n):
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: {label} {name} of module "
+                    f"'{block.name}' has shape {tuple(value.shape)}, expected "
+                    f"{(block.groups, n, n)}; the checkpoint belongs to another model."
+                )
+
     def _drop_block_state(self, key: str) -> None:
         """Forgets block ``key``'s curvature state (DDP: another rank owns it)."""
         raise NotImplementedError

@@ -120,14 +120,9 @@ class KFAC(GRNGOptimizer):
         block = self._blocks[key]
         factors = KroneckerFactors(working_dtype(block.weight.dtype))
         factors.load_state_dict(state, block.weight.device)
-        for name, expect in (("A", block.n_in), ("G", block.n_out)):
-            value = getattr(factors, name)
-            if value is not None and tuple(value.shape) != (block.groups, expect, expect):
-                raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: factor {name} of module "
-                    f"'{block.name}' has shape {tuple(value.shape)}, expected "
-                    f"{(block.groups, expect, expect)}; the checkpoint belongs to another model."
-                )
+        self._check_factor_shapes(
+            block, {"A": (factors.A, block.n_in), "G": (factors.G, block.n_out)}
+        )
         self._factors[key] = factors
 
     def _drop_block_state(self, key: str) -> None:

@@ -259,15 +259,11 @@ class RKalman(GRNGOptimizer):
             return
         factors = KalmanFactors(working_dtype(block.weight.dtype))
         factors.load_state_dict(state, block.weight.device)
-        expected = {"P_A": block.n_in, "P_G": block.n_out}
-        for name, n in expected.items():
-            value = getattr(factors, name)
-            if value is not None and tuple(value.shape) != (block.groups, n, n):
-                raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: filter factor {name} of module "
-                    f"'{block.name}' has shape {tuple(value.shape)}, expected "
-                    f"{(block.groups, n, n)}; the checkpoint belongs to another model."
-                )
+        self._check_factor_shapes(
+            block,
+            {"P_A": (factors.P_A, block.n_in), "P_G": (factors.P_G, block.n_out)},
+            label="filter factor",
+        )
         self._filters[key] = factors
 
     def _drop_block_state(self, key: str) -> None:
