@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
@@ -47,7 +48,10 @@ def _block_for(module: nn.Module, name: str, with_bias: bool) -> KroneckerBlock 
 
 
 def attach(
-    model: nn.Module, optimizer: GRNGOptimizer, skip_modules: Iterable[str] = ()
+    model: nn.Module,
+    optimizer: GRNGOptimizer,
+    skip_modules: Iterable[str] = (),
+    grad_scaler: Any = None,
 ) -> CurvatureHandle:
     """Registers the curvature hooks of ``optimizer`` on the layers of ``model``.
 
@@ -59,6 +63,8 @@ def attach(
         model: the model whose forward/backward passes feed the curvature.
         optimizer: a lightning_grng optimizer over (some of) the model's parameters.
         skip_modules: qualified module names (or class names) to leave without a block.
+        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 AMP loop, so the curvature is
+            built from unscaled gradients (``GradScaler.unscale_`` only unscales ``.grad``).
 
     Returns:
         A :class:`CurvatureHandle`; call ``handle.remove()`` to take the hooks off.
@@ -114,5 +120,6 @@ def attach(
             UserWarning,
             stacklevel=2,
         )
+    optimizer._gate.grad_scaler = grad_scaler
     optimizer._attach(model, blocks)
     return CurvatureHandle(optimizer, blocks, unsupported)

@@ -266,6 +266,24 @@ def test_bf16_mixed_trains_without_nan_and_keeps_float32_curvature():
     assert optimizer.skipped_steps == 0
 
 
+def test_fp16_grad_scaler_of_the_precision_plugin_reaches_the_hooks():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    trainer = _trainer(max_steps=3, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append(trainer.optimizers[0]._gate.grad_scaler)
+
+    trainer.callbacks.append(Probe())
+    model = ImageClassifier(width=4, hidden=16)
+    trainer.fit(model, RandomImagesDataModule(num_samples=96, batch_size=32))
+    assert seen and all(s is scaler for s in seen)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 ImageClassifier.configure_optimizers = lambda self: lg.RING(  # type: ignore[method-assign]
     self.parameters(), lr=0.05, curvature_every=1, inverse_every=3
 )

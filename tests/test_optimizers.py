@@ -393,6 +393,31 @@ def test_grad_scaler_unscale_and_step():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_grad_scaler_curvature_is_built_from_unscaled_gradients():
+    """With the scaler passed to attach, G equals the unscaled run's; without it G is S² off."""
+    x, y = _data()
+    factors = {}
+    for name, scale, pass_scaler in (("plain", None, False), ("scaled", 2.0**10, True),
+                                     ("unaware", 2.0**10, False)):  # fmt: skip
+        model = _model()
+        opt = lg.KFAC(model.parameters(), curvature_every=1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lg.attach(model, opt, grad_scaler=scaler if pass_scaler else None)
+        loss = nn.functional.cross_entropy(model(x[:32]), y[:32])
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        factors[name] = [opt.factors(k).G for k in sorted(opt.blocks)]
+    for plain, scaled, unaware in zip(*factors.values(), strict=True):
+        torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(unaware, plain * 2.0**20, rtol=1e-4, atol=1e-3)
+
+
 def test_mc_fisher_uses_sampled_labels_and_requires_the_pass():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     x, y = torch.randn(64, 4, dtype=torch.float64), torch.randint(0, 3, (64,))

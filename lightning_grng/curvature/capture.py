@@ -49,13 +49,23 @@ class CaptureGate:
         wanted: set by the optimizer: the next step refreshes the curvature.
         fisher: where G comes from: the loss's own backward (empirical) or a separate pass with
             labels sampled from the model (:meth:`mc_pass`).
+        grad_scaler: an AMP ``GradScaler`` whose scale the backward's gradients carry; the
+            captured output gradients are divided by it (its scale changes only at
+            ``update()``, after the step, so the current scale is the one the backward used).
     """
 
     def __init__(self, fisher: FisherType = FisherType.EMPIRICAL) -> None:
         self.wanted = True
         self.fisher = fisher
+        self.grad_scaler: Any = None
         self._paused = 0
         self._in_mc_pass = False
+
+    def unscale(self, grad: Tensor) -> Tensor:
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return grad
+        return grad / scaler.get_scale()
 
     @property
     def forward_open(self) -> bool:
@@ -202,7 +212,8 @@ class CurvatureCapture:
             if seen or not self.gate.backward_open:
                 return
             seen = True
-            acc.add_output_grad(block.output_grad_rows(grad.detach()), batch)
+            rows = block.output_grad_rows(self.gate.unscale(grad.detach()))
+            acc.add_output_grad(rows, batch)
             self.fired_backward.add(key)
 
         return hook

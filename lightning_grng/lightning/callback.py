@@ -61,8 +61,10 @@ class GRNGCallback(Callback):
         self._active = first is self
         if not self._active:
             return
+        # fp16 AMP: the precision plugin's GradScaler scales the loss the hooks see.
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
         for optimizer in self.grng_optimizers(trainer):
-            self._handles.append(attach(pl_module, optimizer))
+            self._handles.append(attach(pl_module, optimizer, grad_scaler=scaler))
 
     @override
     def on_before_backward(
