@@ -80,3 +80,25 @@ def layer_matrices(model: nn.Sequential) -> list[Tensor]:
         for m in model
         if isinstance(m, nn.Linear)
     ]
+
+
+def small_cnn(dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """Conv2d, LayerNorm (a fallback layer), in-place ReLU and two Linear layers on 6×6 images."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LayerNorm(4 * 6 * 6),
+        nn.Linear(4 * 6 * 6, 16),
+        nn.ReLU(inplace=True),
+        nn.Linear(16, 3),
+    ).to(dtype)
+
+
+def teacher_data(n: int = 256, dtype: torch.dtype = torch.float32):
+    """6×6 images labelled by a fixed random linear teacher (3 classes): learnable."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 6, 6, generator=g, dtype=dtype)
+    w = torch.randn(36, 3, generator=g, dtype=dtype)
+    return x, (x.flatten(1) @ w).argmax(1)

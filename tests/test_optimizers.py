@@ -10,6 +10,8 @@ import warnings
 
 import pytest
 import torch
+from conftest import small_cnn as _model
+from conftest import teacher_data as _data
 from torch import nn
 
 import lightning_grng as lg
@@ -22,26 +24,6 @@ OPTIMIZERS = {
     "RENG": lambda p, **kw: lg.RENG(p, **kw),
     "RENG-fd": lambda p, **kw: lg.RENG(p, gr_mode="finite_difference", **kw),
 }
-
-
-def _model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.LayerNorm(4 * 6 * 6),
-        nn.Linear(4 * 6 * 6, 16),
-        nn.ReLU(inplace=True),
-        nn.Linear(16, 3),
-    ).to(dtype)
-
-
-def _data(n=256, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 1, 6, 6, generator=g, dtype=dtype)
-    w = torch.randn(36, 3, generator=g, dtype=dtype)
-    return x, (x.flatten(1) @ w).argmax(1)
 
 
 def _train(opt, model, x, y, steps, start=0, batch=32):

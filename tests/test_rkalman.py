@@ -10,6 +10,8 @@ import warnings
 import pytest
 import torch
 from conftest import classification_batch, mlp, sequential_reference
+from conftest import small_cnn as _cnn
+from conftest import teacher_data as _data
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -302,26 +304,6 @@ class _Recorder(TorchFunctionMode):
         if (linalg and any(f in name for f in _FORBIDDEN)) or name in _FORBIDDEN_TORCH:
             self.calls.append(qualified)
         return func(*args, **(kwargs or {}))
-
-
-def _cnn(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.LayerNorm(4 * 6 * 6),
-        nn.Linear(4 * 6 * 6, 16),
-        nn.ReLU(inplace=True),
-        nn.Linear(16, 3),
-    ).to(dtype)
-
-
-def _data(n=256, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 1, 6, 6, generator=g, dtype=dtype)
-    w = torch.randn(36, 3, generator=g, dtype=dtype)
-    return x, (x.flatten(1) @ w).argmax(1)
 
 
 def _make(model, **kw):
