@@ -39,6 +39,15 @@ FALLBACK_UPDATE = "momentum SGD on the raw gradient (identity preconditioner)"
 _MAX_DAMPING_BOOST = 2.0**20
 
 
+def _total(values: Iterable[Tensor]) -> float:
+    """Sum of scalar tensors read back with one host sync (not one per parameter)."""
+    items = list(values)
+    if not items:
+        return 0.0
+    device = items[0].device
+    return float(torch.stack([v.to(device) for v in items]).sum())
+
+
 class GRNGOptimizer(Optimizer):
     """Base class: hook bookkeeping, the shared update skeleton, failure handling, checkpoints.
 
@@ -221,7 +230,7 @@ class GRNGOptimizer(Optimizer):
             grads = [p.grad.detach() for p in params]  # type: ignore[union-attr]
         grad_of = {p: g for p, g in zip(params, grads, strict=True)}
 
-        grad_sq = sum(float(g.double().pow(2).sum()) for g in grads) if grads else 0.0
+        grad_sq = _total(g.double().pow(2).sum() for g in grads)
         if not math.isfinite(grad_sq):
             self._skip_step(capture)
             return loss
@@ -351,8 +360,8 @@ class GRNGOptimizer(Optimizer):
         """KL-clip: ``min(1, sqrt(c / Σ lr² ⟨U, g⟩))``; bounds the step's predicted KL change."""
         if self.kl_clip is None:
             return 1.0
-        vg = sum(
-            group_of[p]["lr"] ** 2 * float((directions[p].double() * g.double()).sum())
+        vg = _total(
+            group_of[p]["lr"] ** 2 * (directions[p].double() * g.double()).sum()
             for p, g in grad_of.items()
         )
         vg = abs(vg)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_grng.optim.base import ParamsT
+from lightning_grng.optim.base import ParamsT, _total
 from lightning_grng.optim.kfac import KFAC
 from lightning_grng.optim.validation import check_choice, check_range
 
@@ -178,7 +178,7 @@ class RENG(KFAC):
         ]
 
     def _record_plain_grad_norm(self, grads: list[Tensor]) -> float:
-        sq = sum(float(g.detach().double().pow(2).sum()) for g in grads)
+        sq = _total(g.detach().double().pow(2).sum() for g in grads)
         self.plain_grad_sq = sq
         return sq
 
