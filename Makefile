@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,6 +27,17 @@ demo: data
 	rm -rf runs/fashion_mnist/checkpoints
 	$(PY) -m examples.train fit $(FIT_CONFIG)
 	$(PY) -m examples.train test $(FIT_CONFIG) --ckpt_path runs/fashion_mnist/checkpoints/last.ckpt
+
+# Benchmarks (benchmarks/README.md): the full side-by-side run regenerates the committed
+# benchmarks/results/ (about an hour on 2 cores); the quick one (a few minutes, training subsets,
+# one seed, no sweep) writes runs/bench-quick/.
+bench: install
+	$(PY) -m examples.data.fetch all
+	$(PY) -m benchmarks.suite --profile full --out benchmarks/results --command "make bench"
+
+bench-quick: install
+	$(PY) -m examples.data.fetch all
+	$(PY) -m benchmarks.suite --profile quick --out runs/bench-quick --command "make bench-quick"
 
 test: install
 	$(PY) -m pytest -q

@@ -1,0 +1,220 @@
+"""The optimizers compared by the benchmark, and how each one takes a training step.
+
+Every entry builds its optimizer for a model and a learning rate, and knows the three ways the
+optimizers differ in a step: GRNG optimizers are attached to the model (curvature hooks), RENG
+backpropagates the regularized loss, and Sophia needs the graph of the gradient on the steps
+where it refreshes its Hutchinson estimate. Everything else (data, model, schedule) is shared.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+import lightning_grng as lg
+
+Build = Callable[[nn.Module, float], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One compared optimizer: how to build it, its sweep grid and where it comes from."""
+
+    name: str
+    build: Build
+    lr_grid: tuple[float, ...]
+    description: str
+    family: str  # "baseline", "kfac" (K-FAC family, ρ = 0) or "grng"
+    damping_kw: str | None = None  # keyword of the damping, for the stability grid
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def make(self, model: nn.Module, lr: float, damping: float | None = None) -> Optimizer:
+        """The optimizer for ``model`` (attached when it is a GRNG optimizer)."""
+        if damping is not None:
+            if self.damping_kw is None:
+                raise ValueError(f"{self.name} has no damping to set")
+            opt = _with_kwargs(self.build, {self.damping_kw: damping})(model, lr)
+        else:
+            opt = self.build(model, lr)
+        return Optimizer(opt, model)
+
+
+def _with_kwargs(build: Build, kwargs: dict[str, object]) -> Build:
+    return lambda model, lr: build(model, lr, **kwargs)  # type: ignore[call-arg]
+
+
+class Optimizer:
+    """A built optimizer plus the step protocol every benchmark loop uses."""
+
+    def __init__(self, opt: torch.optim.Optimizer, model: nn.Module) -> None:
+        self.opt = opt
+        self.inner = opt.primary if isinstance(opt, _Composite) else opt
+        self.grng = isinstance(opt, lg.GRNGOptimizer)
+        if self.grng:
+            with warnings.catch_warnings():
+                # Embeddings/LayerNorms get the documented fallback update; no need to say so.
+                warnings.simplefilter("ignore")
+                lg.attach(model, opt)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.opt.param_groups
+
+    def _needs_graph(self) -> bool:
+        # SophiaH refreshes its Hessian diagonal when its step count is a multiple of
+        # update_period; only those steps pay for create_graph.
+        sophia = self.inner
+        if type(sophia).__name__ != "SophiaH":
+            return False
+        return sophia.param_groups[0].get("step", 0) % sophia.update_period == 0
+
+    def step(self, loss_of: Callable[[], Tensor]) -> tuple[float, float]:
+        """One training step; returns (loss, ‖∇ℓ‖ of the plain minibatch loss)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss = loss_of()
+        if isinstance(self.opt, lg.RENG):
+            lg.regularized_backward(loss, self.opt)
+        else:
+            loss.backward(create_graph=self._needs_graph())
+        # GRNG optimizers report the plain gradient norm themselves (RENG's .grad holds the
+        # regularized gradient, so it cannot be read off the parameters).
+        norm = math.nan if self.grng else grad_norm(self.params)
+        self.opt.step()
+        if self.grng:
+            norm = self.opt.diagnostics.get("grad_norm", math.nan)
+        return float(loss.detach()), norm
+
+    def state_bytes(self) -> int:
+        """Bytes of every tensor in the optimizer's state dict (moments, factors, ...)."""
+        return _tensor_bytes(self.opt.state_dict())
+
+
+def _tensor_bytes(obj: object) -> int:
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    if hasattr(obj, "state_dict") and not isinstance(obj, type):
+        return _tensor_bytes(obj.state_dict())
+    return 0
+
+
+@torch.no_grad()
+def grad_norm(params: list[Tensor]) -> float:
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return math.nan
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+
+class _Composite(torch.optim.Optimizer):
+    """SINGD updates only Linear/Conv2d weights; the remaining parameters (embeddings,
+    LayerNorms, positional tables) get AdamW at its default settings, as SINGD's authors do."""
+
+    def __init__(self, primary: torch.optim.Optimizer, rest: torch.optim.Optimizer | None):
+        self.primary, self.rest = primary, rest
+        self.param_groups = primary.param_groups + (rest.param_groups if rest else [])
+        self.defaults = primary.defaults
+        self.state = primary.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self._parts():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> None:  # type: ignore[override]
+        for opt in self._parts():
+            opt.step()
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        return {f"part{i}": opt.state_dict() for i, opt in enumerate(self._parts())}
+
+    def _parts(self) -> list[torch.optim.Optimizer]:
+        return [self.primary] + ([self.rest] if self.rest else [])
+
+
+def _singd(model: nn.Module, lr: float, damping: float = 1e-3) -> torch.optim.Optimizer:
+    from singd.optim.optimizer import SINGD
+
+    sequence = any(m.__class__.__name__ == "CausalSelfAttention" for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "unsupported layer" notices for the AdamW part
+        primary = SINGD(
+            model,
+            lr=lr,
+            damping=damping,
+            loss_average="batch+sequence" if sequence else "batch",
+            warn_unsupported=False,
+        )
+    covered = {id(p) for group in primary.param_groups for p in group["params"]}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
+    return _Composite(primary, torch.optim.AdamW(rest) if rest else None)
+
+
+def _sophia(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    from pytorch_optimizer import SophiaH
+
+    return SophiaH(model.parameters(), lr=lr)
+
+
+def _ours(cls: type[lg.GRNGOptimizer], grid: tuple[float, ...], what: str) -> OptimizerSpec:
+    """This project's optimizers at their defaults; all but KFAC regularize the gradient."""
+    return OptimizerSpec(
+        cls.__name__,
+        lambda m, lr, **kw: cls(m.parameters(), lr=lr, **kw),
+        grid,
+        f"lightning_grng {what}, defaults",
+        "kfac" if cls is lg.KFAC else "grng",
+        damping_kw="damping",
+    )
+
+
+SPECS: tuple[OptimizerSpec, ...] = (
+    OptimizerSpec(
+        "SGD",
+        lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
+        (0.01, 0.03, 0.1),
+        "torch.optim.SGD, momentum 0.9",
+        "baseline",
+    ),
+    OptimizerSpec(
+        "AdamW",
+        lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr),
+        (3e-4, 1e-3, 3e-3),
+        "torch.optim.AdamW, betas (0.9, 0.999), weight decay 0.01",
+        "baseline",
+    ),
+    OptimizerSpec(
+        "Sophia",
+        _sophia,
+        (0.02, 0.06, 0.2),
+        "pytorch-optimizer SophiaH (Hutchinson diagonal every 10 steps, clip p=0.01)",
+        "baseline",
+    ),
+    OptimizerSpec(
+        "SINGD",
+        _singd,
+        (0.03, 0.1, 0.3),
+        "singd SINGD (dense structured inverse-free K-FAC, T=10); AdamW for layers it skips",
+        "kfac",
+        damping_kw="damping",
+    ),
+    *(
+        _ours(cls, grid, what)
+        for cls, grid, what in (
+            (lg.KFAC, (0.01, 0.03, 0.1), "KFAC (ρ = 0)"),
+            (lg.RING, (0.01, 0.03, 0.1), "RING"),
+            (lg.RENG, (0.01, 0.03, 0.1), "RENG (double backprop)"),
+            (lg.RKalman, (0.3, 1.0, 3.0), "RKalman"),
+        )
+    ),
+)
+
+BY_NAME = {spec.name: spec for spec in SPECS}

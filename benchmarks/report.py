@@ -1,0 +1,659 @@
+"""Turn a benchmark results directory into ``report.md``, ``headline.md`` and PNG plots.
+
+Reads ``meta.json``, ``runs.csv``, ``curves.csv`` and (optionally) ``step_time.csv`` as written by
+``benchmarks/suite.py``. Missing optional inputs give "—" cells or skipped sections, not errors.
+
+    python -m benchmarks.report RESULTS_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the suite runs on servers without a display
+import matplotlib.pyplot as plt
+from matplotlib.colors import Normalize
+
+Row = dict[str, str]
+DASH = "—"
+# Per-step cost ceilings relative to AdamW that the GRNG optimizers aim for.
+STEP_TIME_LIMITS = {"KFAC": 1.5, "RING": 1.5, "RKalman": 1.5, "RENG": 3.0}
+# Quality fields that mean nothing once a run has diverged, even if the suite logged a number.
+QUALITY_FIELDS = {"final_train_loss", "final_val", "best_val", "final_test", "test_loss"}
+
+
+def num(text: str | None) -> float:
+    """Parse a CSV cell as float; blanks ("not applicable") and junk become NaN."""
+    try:
+        return float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def finite(values: Iterable[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float] | None:
+    """Mean and sample std of the finite values (std 0 for one value); None if there are none."""
+    vals = finite(values)
+    if not vals:
+        return None
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def mean_or_none(values: Iterable[float]) -> float | None:
+    stats = mean_std(values)
+    return stats[0] if stats else None
+
+
+def read_csv(path: Path) -> list[Row]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def ordered(present: Iterable[str], order: Iterable[str]) -> list[str]:
+    """Keys of ``order`` that are present, then unknown extras (so nothing silently vanishes)."""
+    present, order = set(present), list(order)
+    return [k for k in order if k in present] + sorted(present - set(order))
+
+
+@dataclass
+class Results:
+    """Raw inputs plus the lookups every section needs."""
+
+    meta: dict
+    runs: list[Row]
+    curves: list[Row]
+    step_time: list[Row]
+
+    @classmethod
+    def load(cls, results_dir: Path) -> Results:
+        meta = json.loads((results_dir / "meta.json").read_text())
+        csvs = [read_csv(results_dir / f"{n}.csv") for n in ("runs", "curves", "step_time")]
+        return cls(meta, *csvs)
+
+    def task_meta(self, task: str) -> dict:
+        return (self.meta.get("tasks") or {}).get(task, {})
+
+    def title(self, task: str) -> str:
+        return self.task_meta(task).get("title", task)
+
+    def metric(self, task: str) -> str:
+        return self.task_meta(task).get("metric", "metric")
+
+    def scale(self, task: str) -> float:
+        """Accuracy is shown in percent everywhere."""
+        return 100.0 if self.metric(task) == "accuracy" else 1.0
+
+    def higher(self, task: str) -> bool:
+        return bool(self.task_meta(task).get("higher_is_better", True))
+
+    def family(self, opt: str) -> str:
+        return (self.meta.get("optimizers") or {}).get(opt, {}).get("family", "")
+
+    def tasks(self) -> list[str]:
+        present = {r["task"] for r in self.runs} | {r["task"] for r in self.curves}
+        return ordered(present, self.meta.get("tasks") or {})
+
+    def optimizers(self, task: str | None = None, phase: str = "final") -> list[str]:
+        present = {r["optimizer"] for r in self.rows(phase, task)}
+        return ordered(present, self.meta.get("optimizers") or {})
+
+    def rows(self, phase: str, task: str | None = None, opt: str | None = None) -> list[Row]:
+        return [
+            r
+            for r in self.runs
+            if r["phase"] == phase and task in (None, r["task"]) and opt in (None, r["optimizer"])
+        ]
+
+    def values(self, task: str, opt: str, field: str, phase: str = "final") -> list[float]:
+        diverged = field in QUALITY_FIELDS
+        rows = self.rows(phase, task, opt)
+        return [math.nan if diverged and r["diverged"] == "True" else num(r[field]) for r in rows]
+
+    def mean(self, task: str, opt: str, field: str) -> float | None:
+        return mean_or_none(self.values(task, opt, field))
+
+    def seed_curves(self, task: str, opt: str) -> list[list[Row]]:
+        """One step-sorted list of eval points per seed."""
+        by_seed: dict[str, list[Row]] = defaultdict(list)
+        for r in self.curves:
+            if r["task"] == task and r["optimizer"] == opt:
+                by_seed[r["seed"]].append(r)
+        return [sorted(pts, key=lambda r: num(r["step"])) for pts in by_seed.values()]
+
+    def step_ratio(self, task: str, opt: str) -> float | None:
+        rows = [r for r in self.step_time if r["task"] == task and r["optimizer"] == opt]
+        return mean_or_none(num(r["ratio_to_adamw"]) for r in rows)
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def fmt_value(value: float, metric: str) -> str:
+    return f"{100 * value:.2f}" if metric == "accuracy" else f"{value:.4f}"
+
+
+def fmt_stat(values: list[float], metric: str) -> str:
+    """``mean ± std`` over seeds, noting seeds that diverged (non-finite values)."""
+    stats = mean_std(values)
+    if stats is None:
+        return "diverged" if values else DASH
+    lost = len(values) - len(finite(values))
+    text = f"{fmt_value(stats[0], metric)} ± {fmt_value(stats[1], metric)}"
+    return text + (f" ({lost} div)" if lost else "")
+
+
+def fmt_mean(values: list[float], metric: str) -> str:
+    value = mean_or_none(values)
+    return fmt_value(value, metric) if value is not None else "div" if values else DASH
+
+
+def fmt_num(value: float | None, spec: str) -> str:
+    return DASH if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
+# ---------------------------------------------------------------- derived numbers
+
+
+def adamw_targets(res: Results, task: str) -> dict[str, float]:
+    """Quality bar for time-to-target, per seed: AdamW's final test metric with that seed (same
+    initialization and data order), so AdamW itself reaches its bar on every seed."""
+    return {
+        r["seed"]: num(r["final_test"])
+        for r in res.rows("final", task, "AdamW")
+        if r["diverged"] != "True" and math.isfinite(num(r["final_test"]))
+    }
+
+
+def costs_to_target(res: Results, task: str, opt: str, axis: str) -> tuple[dict[str, float], int]:
+    """``axis`` ("step" or "seconds") where each seed first reaches its target; seed count."""
+    targets, higher = adamw_targets(res, task), res.higher(task)
+    runs, reached = res.seed_curves(task, opt), {}
+    for points in runs:
+        target = targets.get(points[0]["seed"]) if points else None
+        if target is None:  # no AdamW run with this seed: nothing to compare against
+            continue
+        for p in points:
+            value = num(p["test_metric"])
+            if math.isfinite(value) and (value >= target if higher else value <= target):
+                reached[p["seed"]] = num(p[axis])
+                break
+    return reached, len(runs)
+
+
+def target_ratio(res: Results, task: str, opt: str, axis: str) -> tuple[float | None, int, int]:
+    """(median over seeds of cost / AdamW's cost on the same seed, seeds reached, seeds)."""
+    reached, total = costs_to_target(res, task, opt, axis)
+    base, _ = costs_to_target(res, task, "AdamW", axis)
+    ratios = [c / base[s] for s, c in reached.items() if base.get(s, 0) > 0]
+    if not ratios:
+        return None, len(reached), total
+    return statistics.median(ratios), len(reached), total
+
+
+def fmt_ratio(ratio: float | None, reached: int, total: int) -> str:
+    if total and not reached:
+        return "not reached"
+    if ratio is None:
+        return DASH
+    return f"{ratio:.2f}" + (f" ({reached}/{total})" if reached < total else "")
+
+
+def adamw_budget(res: Results, task: str) -> float | None:
+    times = finite(res.values(task, "AdamW", "train_seconds"))
+    return statistics.median(times) if times else None
+
+
+def at_budget(res: Results, task: str, opt: str) -> tuple[list[float], list[float]]:
+    """Val metric and step of each seed's last eval point within AdamW's wall-clock budget."""
+    budget, vals, steps = adamw_budget(res, task), [], []
+    for points in res.seed_curves(task, opt) if budget is not None else []:
+        inside = [p for p in points if num(p["seconds"]) <= budget]
+        if inside:
+            vals.append(num(inside[-1]["val_metric"]))
+            steps.append(num(inside[-1]["step"]))
+    return vals, steps
+
+
+# ---------------------------------------------------------------- markdown sections
+
+
+def provenance(res: Results) -> list[str]:
+    m, mach = res.meta, defaultdict(lambda: "?", res.meta.get("machine") or {})
+    machine = (
+        f"{mach['cpu']}, {mach['cores']} cores, {mach['memory_gib']} GiB, torch {mach['torch']},"
+        f" Python {mach['python']}, {mach['threads_per_run']} thread(s) per run ×"
+        f" {mach['parallel_runs']} parallel runs"
+    )
+    lines = [
+        "# GRNG optimizer benchmarks",
+        "",
+        f"Produced by `{m.get('command', '?')}` (profile `{m.get('profile', '?')}`) on"
+        f" {m.get('started', '?')} at commit `{m.get('git_commit', '?')}`. Machine: {machine}."
+        f" Total wall time: {m.get('wall_minutes', '?')} min.",
+        "",
+    ]
+    if m.get("profile") != "full":
+        lines += ["> **Smoke run** (profile is not `full`): the numbers below only show that the"]
+        lines += ["> pipeline works; they are not results.", ""]
+    return lines
+
+
+def headline_table(res: Results, task: str) -> list[str]:
+    tm, metric, is_loss = res.task_meta(task), res.metric(task), res.metric(task) != "accuracy"
+    keys = ("model", "data", "batch_size", "steps", "epochs", "schedule")
+    setup = " · ".join(f"{k.replace('_', ' ')}: {tm[k]}" for k in keys if k in tm)
+    header = ["optimizer", "lr", f"test {metric}"] + (["test bpc", "test ppl"] if is_loss else [])
+    header += ["best val", "steps to target ×AdamW", "time to target ×AdamW"]
+    header += ["step time ×AdamW"] if res.step_time else []
+    header += ["peak mem MiB", "state MiB", "mean ‖g‖", "seeds"]
+    opts = res.optimizers(task)
+    means = {o: m for o in opts if (m := res.mean(task, o, "final_test")) is not None}
+    best = (max if res.higher(task) else min)(means, key=means.get, default=None)
+    rows = []
+    for opt in opts:
+        test = fmt_stat(res.values(task, opt, "final_test"), metric)
+        row = [opt, fmt_num((res.meta.get("chosen_lr") or {}).get(task, {}).get(opt), "g")]
+        row.append(f"**{test}**" if opt == best else test)
+        if is_loss:  # bits per character and perplexity of the mean loss
+            loss = means.get(opt)
+            row += [
+                fmt_num(loss and loss / math.log(2), ".4f"),
+                fmt_num(loss and math.exp(loss), ".3f"),
+            ]
+        row.append(fmt_mean(res.values(task, opt, "best_val"), metric))
+        row += [fmt_ratio(*target_ratio(res, task, opt, axis)) for axis in ("step", "seconds")]
+        row += [fmt_num(res.step_ratio(task, opt), ".2f")] if res.step_time else []
+        row += [
+            fmt_num(res.mean(task, opt, "peak_rss_mib"), ".1f"),
+            fmt_num(res.mean(task, opt, "state_mib"), ".2f"),
+            fmt_num(res.mean(task, opt, "mean_grad_norm"), "#.3g"),
+            str(len(res.rows("final", task, opt))),
+        ]
+        rows.append(row)
+    return [f"### {res.title(task)}", "", setup, "", *md_table(header, rows)]
+
+
+def budget_section(res: Results) -> list[str]:
+    lines = ["## Same wall-clock budget", ""]
+    lines += ["Budget = median AdamW training time; each run's last eval point within it.", ""]
+    for task in res.tasks():
+        budget = adamw_budget(res, task)
+        if budget is None:
+            continue
+        lines += [f"### {res.title(task)}: budget {budget:.1f} s", ""]
+        rows = []
+        for opt in res.optimizers(task):
+            vals, steps = at_budget(res, task, opt)
+            seeds = len(res.seed_curves(task, opt))
+            used = (
+                f"{len(vals)}/{seeds} seeds, mean step {statistics.fmean(steps):.0f}"
+                if steps
+                else "0"
+            )
+            rows.append([opt, fmt_stat(vals, res.metric(task)), used])
+        lines += md_table(
+            ["optimizer", f"val {res.metric(task)} at AdamW's budget", "points used"], rows
+        )
+    return lines
+
+
+def verdict(ok: bool) -> str:
+    return "**PASS**" if ok else "**MISS**"
+
+
+def step_time_bullet(res: Results, task: str) -> str:
+    ratios = {o: res.step_ratio(task, o) for o in STEP_TIME_LIMITS}
+    ok = {o: r <= STEP_TIME_LIMITS[o] for o, r in ratios.items() if r is not None}
+    if not ok:
+        return f"- Per-step time on {task}: not measured in this profile."
+    parts = [
+        f"{o} {ratios[o]:.2f} ≤ {STEP_TIME_LIMITS[o]} {'✓' if good else '✗'}"
+        for o, good in ok.items()
+    ]
+    return f"- {verdict(all(ok.values()))} per-step time ×AdamW on {task}: {', '.join(parts)}."
+
+
+def ring_speed_bullet(res: Results) -> str:
+    ratio, reached, total = target_ratio(res, "fashion_mnist", "RING", "seconds")
+    if not total:
+        return "- fashion_mnist RING time to target: not measured in this profile."
+    ok = ratio is not None and ratio <= 0.8 and reached == total
+    return (
+        f"- {verdict(ok)} fashion_mnist: RING reaches AdamW's final test accuracy (same seed)"
+        f" in ≤ 0.8× its"
+        f" time on every seed: {fmt_ratio(ratio, reached, total)}."
+    )
+
+
+def grng_accuracy_bullet(res: Results) -> str:
+    means = {o: res.mean("fashion_mnist", o, "final_test") for o in res.optimizers("fashion_mnist")}
+    grng = {o: m for o, m in means.items() if m is not None and res.family(o) == "grng"}
+    base = {o: m for o, m in means.items() if m is not None and res.family(o) != "grng"}
+    if not grng or not base:
+        return "- fashion_mnist GRNG vs baselines: not measured in this profile."
+    g, b = max(grng, key=grng.get), max(base, key=base.get)
+    return (
+        f"- {verdict(grng[g] > base[b])} fashion_mnist mean final test accuracy: best GRNG {g}"
+        f" {100 * grng[g]:.2f}% vs best baseline {b} {100 * base[b]:.2f}%."
+    )
+
+
+def grng_budget_bullet(res: Results) -> str:
+    at = {
+        o: mean_or_none(at_budget(res, "shakespeare", o)[0]) for o in res.optimizers("shakespeare")
+    }
+    grng = {o: v for o, v in at.items() if v is not None and res.family(o) == "grng"}
+    if not grng or at.get("AdamW") is None or at.get("Sophia") is None:
+        return "- shakespeare at AdamW's wall-clock budget: not measured in this profile."
+    g = min(grng, key=grng.get)
+    return (
+        f"- {verdict(grng[g] < min(at['AdamW'], at['Sophia']))} shakespeare val loss at AdamW's"
+        f" wall-clock budget: best GRNG {g} {grng[g]:.4f} vs AdamW {at['AdamW']:.4f},"
+        f" Sophia {at['Sophia']:.4f}."
+    )
+
+
+def grad_norm_bullet(res: Results, task: str) -> str:
+    norms = {o: res.mean(task, o, "mean_grad_norm") for o in res.optimizers(task)}
+    refs = {o: norms[o] for o in ("KFAC", "AdamW") if norms.get(o) is not None}
+    grng = {o: v for o, v in norms.items() if v is not None and res.family(o) == "grng"}
+    if not grng or not refs:
+        return f"- Gradient norm on {task}: not measured in this profile."
+    lower = [o for o, v in grng.items() if v < min(refs.values())]
+    numbers = ", ".join(f"{o} {v:#.3g}" for o, v in {**grng, **refs}.items())
+    return (
+        f"- {verdict(len(lower) == len(grng))} mean ‖g‖ on {task}, GRNG variants below"
+        f" {' and '.join(refs)}: {', '.join(lower) or 'none'} ({numbers})."
+    )
+
+
+def target_bullets(res: Results) -> list[str]:
+    """PASS/MISS bullets for the project's stated goals, each with the numbers behind it."""
+    tasks = res.tasks()
+    bullets = [step_time_bullet(res, t) for t in tasks]
+    bullets += [ring_speed_bullet(res), grng_accuracy_bullet(res), grng_budget_bullet(res)]
+    bullets += [grad_norm_bullet(res, t) for t in tasks]
+    return ["## Targets", "", *bullets, ""]
+
+
+def sweep_section(res: Results) -> list[str]:
+    lines = ["## Learning-rate sweep", ""]
+    lines += ["Learning rates are selected on the validation metric, never on test; `*` marks the"]
+    lines += ["chosen one. Cells: final validation metric, mean over sweep seeds.", ""]
+    for task in res.tasks():
+        sweep = res.rows("sweep", task)
+        if not sweep:
+            continue
+        chosen = (res.meta.get("chosen_lr") or {}).get(task, {})
+        steps = res.task_meta(task).get("sweep_steps", "not recorded")
+        lines += [f"### {res.title(task)} (sweep steps per run: {steps})", ""]
+        rows, width = [], 0
+        for opt in res.optimizers(task, "sweep"):
+            runs = [r for r in sweep if r["optimizer"] == opt]
+            cells = [opt]
+            # Each optimizer has its own grid: one "lr: value" cell per grid point, low to high.
+            for lr in sorted({num(r["lr"]) for r in runs}):
+                vals = [num(r["final_val"]) for r in runs if num(r["lr"]) == lr]
+                mark = " *" if opt in chosen and math.isclose(lr, chosen[opt]) else ""
+                cells.append(f"{lr:g}: {fmt_mean(vals, res.metric(task))}{mark}")
+            rows.append(cells)
+            width = max(width, len(cells) - 1)
+        rows = [row + [DASH] * (width + 1 - len(row)) for row in rows]
+        lines += md_table(["optimizer"] + [f"grid point {i + 1}" for i in range(width)], rows)
+    return lines
+
+
+def stability_grid(res: Results, opt: str) -> tuple[list[float], list[float], list[list[float]]]:
+    """(dampings, lrs, cells): cell = mean final_val, -inf if any seed diverged, NaN if not run."""
+    spec, rows = res.meta.get("stability") or {}, res.rows("stability", opt=opt)
+    damps = spec.get("dampings") or sorted({num(r["damping"]) for r in rows})
+    lrs = spec.get("lrs") or sorted({num(r["lr"]) for r in rows})
+    grid = []
+    for d in damps:
+        line = []
+        for lr in lrs:
+            cell = [
+                r
+                for r in rows
+                if math.isclose(num(r["damping"]), d) and math.isclose(num(r["lr"]), lr)
+            ]
+            vals = [math.nan if r["diverged"] == "True" else num(r["final_val"]) for r in cell]
+            line.append(
+                math.nan
+                if not cell
+                else statistics.fmean(vals)
+                if finite(vals) == vals
+                else -math.inf
+            )
+        grid.append(line)
+    return damps, lrs, grid
+
+
+def fmt_cell(value: float, metric: str) -> str:
+    return DASH if math.isnan(value) else "div" if value == -math.inf else fmt_value(value, metric)
+
+
+def stability_section(res: Results) -> list[str]:
+    spec = res.meta.get("stability") or {}
+    task = spec.get("task", "")
+    lines = ["## Stability", "", f"Final validation {res.metric(task)} on {task} after a damping ×"]
+    lines += [
+        "learning-rate grid; `div` = diverged.",
+        "",
+        "![stability heat map](stability.png)",
+        "",
+    ]
+    for opt in spec.get("optimizers", []):
+        damps, lrs, grid = stability_grid(res, opt)
+        divs = sum(v == -math.inf for line in grid for v in line)
+        lines += [f"### {opt}: {divs} of {len(damps) * len(lrs)} diverged", ""]
+        rows = [
+            [f"{d:g}", *(fmt_cell(v, res.metric(task)) for v in line)]
+            for d, line in zip(damps, grid, strict=True)
+        ]
+        lines += md_table(["damping \\ lr"] + [f"{lr:g}" for lr in lrs], rows)
+    return lines
+
+
+# ---------------------------------------------------------------- plots
+
+
+def line_style(res: Results, opt: str) -> dict:
+    """Fixed colour per optimizer (by meta order) in every plot; GRNG solid, the rest dashed."""
+    order = list(res.meta.get("optimizers") or {})
+    index = order.index(opt) if opt in order else len(order)
+    dashes = "-" if res.family(opt) == "grng" else "--"
+    return {"color": plt.get_cmap("tab10")(index % 10), "ls": dashes}
+
+
+def mean_curve(res: Results, task: str, opt: str, field: str) -> tuple[list, list, list]:
+    """(steps, mean seconds, mean field) over seeds at each eval step with a finite value."""
+    by_step: dict[float, list[Row]] = defaultdict(list)
+    for points in res.seed_curves(task, opt):
+        for p in points:
+            by_step[num(p["step"])].append(p)
+    steps, secs, vals = [], [], []
+    for step in sorted(by_step):
+        value = mean_or_none(num(p[field]) for p in by_step[step])
+        if value is not None:
+            steps.append(step)
+            secs.append(statistics.fmean(num(p["seconds"]) for p in by_step[step]))
+            vals.append(value)
+    return steps, secs, vals
+
+
+def clip_ylim(ax: plt.Axes, values: list[float], higher: bool) -> None:
+    """Cut the worst 10% off the y axis so early, near-chance points don't squash the rest."""
+    vals = finite(values)
+    if len(vals) < 10:
+        return
+    lo, hi = min(vals), max(vals)
+    cut = statistics.quantiles(vals, n=10)[0 if higher else -1]
+    pad = 0.05 * ((hi - cut) if higher else (cut - lo)) or 0.01
+    ax.set_ylim((cut - pad, hi + pad) if higher else (lo - pad, cut + pad))
+
+
+def plot_metric(res: Results, task: str, ax: plt.Axes, field: str, by_seconds: bool) -> None:
+    """One seed-averaged line per optimizer of ``field`` against step or seconds."""
+    is_test = field == "test_metric"
+    scale, clip_to = (res.scale(task) if is_test else 1.0), []
+    for opt in res.optimizers(task):
+        steps, secs, vals = mean_curve(res, task, opt, field)
+        vals = [scale * v for v in vals]
+        ax.plot(secs if by_seconds else steps, vals, label=opt, marker=".", **line_style(res, opt))
+        clip_to += [v for s, v in zip(steps, vals, strict=True) if s > 0]  # step 0 = untrained
+    if is_test:
+        clip_ylim(ax, clip_to, res.higher(task))
+    label = "test accuracy (%)" if res.metric(task) == "accuracy" else "test loss (nats/char)"
+    ax.set(
+        xlabel="training seconds" if by_seconds else "step",
+        ylabel=label if is_test else "train loss",
+    )
+    ax.grid(alpha=0.3)
+
+
+def save(fig: plt.Figure, path: Path) -> str:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path.name
+
+
+def plot_curves(res: Results, task: str, out: Path) -> str:
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), layout="constrained")
+    for row, field in enumerate(("test_metric", "train_loss")):
+        for col, by_seconds in enumerate((False, True)):
+            plot_metric(res, task, axes[row][col], field, by_seconds)
+    fig.suptitle(res.title(task))
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=8)
+    return save(fig, out / f"curves_{task}.png")
+
+
+def plot_headline(res: Results, task: str, out: Path) -> str:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_metric(res, task, ax, "test_metric", by_seconds=True)
+    targets = list(adamw_targets(res, task).values())
+    if targets:
+        mean = statistics.fmean(targets)
+        ax.axhline(res.scale(task) * mean, color="k", ls=":", lw=1, label="AdamW final (mean)")
+    ax.set_title(res.title(task))
+    ax.legend(fontsize=8)
+    return save(fig, out / "headline.png")
+
+
+def plot_grad_norm(res: Results, out: Path) -> str:
+    tasks, opts = res.tasks(), res.optimizers()
+    fig, ax = plt.subplots(figsize=(max(6, 3 * len(tasks)), 4))
+    width = 0.8 / max(len(opts), 1)
+    for i, opt in enumerate(opts):
+        heights = [res.mean(t, opt, "mean_grad_norm") or math.nan for t in tasks]
+        xs = [t + (i - (len(opts) - 1) / 2) * width for t in range(len(tasks))]
+        ax.bar(xs, heights, width, label=opt, color=line_style(res, opt)["color"])
+    ax.set_xticks(range(len(tasks)), [res.title(t) for t in tasks])
+    ax.set(yscale="log", ylabel="mean minibatch ‖∇ℓ‖ over training")
+    ax.legend(fontsize=8, ncol=2)
+    return save(fig, out / "grad_norm.png")
+
+
+def plot_stability(res: Results, out: Path) -> str:
+    spec = res.meta["stability"]
+    task, opts, scale = (
+        spec.get("task", ""),
+        spec.get("optimizers", []),
+        res.scale(spec.get("task", "")),
+    )
+    grids = {o: stability_grid(res, o) for o in opts}
+    every = finite(scale * v for _, _, g in grids.values() for line in g for v in line)
+    # Reverse the map for losses so that "good" has the same colour whatever the metric.
+    cmap = plt.get_cmap("viridis" if res.higher(task) else "viridis_r").with_extremes(
+        bad="lightgrey"
+    )
+    norm = Normalize(min(every, default=0), max(every, default=1))
+    fig, axes = plt.subplots(
+        1, len(opts), figsize=(3.6 * len(opts), 3.4), squeeze=False, layout="constrained"
+    )
+    for i, (ax, opt) in enumerate(zip(axes[0], opts, strict=True)):
+        damps, lrs, grid = grids[opt]
+        data = [[scale * v if math.isfinite(v) else math.nan for v in line] for line in grid]
+        image = ax.imshow(data, cmap=cmap, norm=norm, aspect="auto")
+        for r, line in enumerate(grid):
+            for c, v in enumerate(line):
+                text = (
+                    fmt_value(v, res.metric(task))
+                    if math.isfinite(v)
+                    else "×"
+                    if v == -math.inf
+                    else ""
+                )
+                dark = math.isfinite(v) and (norm(scale * v) < 0.5) == res.higher(task)
+                ax.text(c, r, text, ha="center", va="center", color="w" if dark else "k")
+        ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+        ax.set_yticks(range(len(damps)), [f"{d:g}" for d in damps])
+        ax.set(xlabel="lr", ylabel="damping" if i == 0 else "", title=opt)
+    fig.colorbar(image, ax=axes[0].tolist(), label=f"final val {res.metric(task)} (× = diverged)")
+    return save(fig, out / "stability.png")
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def write_report(results_dir: Path) -> Path:
+    """Write report.md, headline.md and the PNG plots into ``results_dir``; return report.md."""
+    results_dir = Path(results_dir)
+    res = Results.load(results_dir)
+    tasks = res.tasks()
+    lines = [*provenance(res), "## Headline results", ""]
+    lines += [
+        "Target = AdamW's final test metric on the same seed; ratios are medians over seeds of"
+        " cost ÷ AdamW's cost on that seed.",
+        "",
+    ]
+    for task in tasks:
+        lines += headline_table(res, task)
+    lines += budget_section(res) + target_bullets(res) + sweep_section(res)
+    if (res.meta.get("stability") or {}).get("optimizers") and res.rows("stability"):
+        plot_stability(res, results_dir)
+        lines += stability_section(res)
+    lines += ["## Plots", ""]
+    head = "fashion_mnist" if "fashion_mnist" in tasks else next(iter(tasks), None)
+    if head is not None:
+        if res.curves:
+            lines += [f"![headline]({plot_headline(res, head, results_dir)})", ""]
+        headline = headline_table(res, head) + target_bullets(res)
+        (results_dir / "headline.md").write_text("\n".join(headline))
+    for task in [t for t in tasks if any(r["task"] == t for r in res.curves)]:
+        lines += [f"![{task} curves]({plot_curves(res, task, results_dir)})", ""]
+    if res.rows("final"):
+        lines += [f"![mean gradient norm]({plot_grad_norm(res, results_dir)})", ""]
+    report = results_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results_dir", type=Path, help="directory written by benchmarks.suite")
+    print(write_report(parser.parse_args().results_dir))
+
+
+if __name__ == "__main__":
+    main()

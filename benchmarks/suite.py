@@ -1,0 +1,324 @@
+"""The benchmark suite: learning-rate sweep, final seeds, stability grid, interleaved step time,
+then the report.
+
+    python -m benchmarks.suite --profile full  --out benchmarks/results   # make bench
+    python -m benchmarks.suite --profile quick --out runs/bench-quick     # make bench-quick
+
+Phases: (1) every optimizer's learning-rate grid on each task, one seed, judged on the
+validation split (never test); (2) the chosen rate, 3 seeds; (3) damping × lr grid for KFAC,
+RING and RENG on Fashion-MNIST; (4) per-step time of all optimizers interleaved in one process.
+Runs execute in ``--workers`` processes of ``--threads`` threads each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from benchmarks import harness
+from benchmarks.optimizers import BY_NAME, SPECS
+from benchmarks.tasks import SCHEDULE, TASKS
+
+RUN_FIELDS = (
+    "phase",
+    "task",
+    "optimizer",
+    "lr",
+    "damping",
+    "seed",
+    "steps",
+    "train_seconds",
+    "final_train_loss",
+    "final_val",
+    "best_val",
+    "final_test",
+    "test_loss",
+    "mean_grad_norm",
+    "peak_rss_mib",
+    "state_mib",
+    "diverged",
+)
+CURVE_FIELDS = (
+    "task",
+    "optimizer",
+    "seed",
+    "step",
+    "seconds",
+    "train_loss",
+    "val_metric",
+    "test_metric",
+)
+STABILITY = {
+    "task": "fashion_mnist",
+    "optimizers": ["KFAC", "RING", "RENG"],
+    "dampings": [0.01, 0.1, 1.0],
+    "lrs": [0.03, 0.1, 0.3],
+}
+STEP_TIME_ROUNDS = {"full": 60, "quick": 20, "tiny": 3}
+# The expensive optimizers go first so the worker pool ends evenly.
+COST = {"RENG": 4, "Sophia": 3, "SINGD": 2}
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+class Pool:
+    """Runs jobs in worker processes (or in this process when ``workers == 1``)."""
+
+    def __init__(self, workers: int, threads: int) -> None:
+        self.workers, self.threads = workers, threads
+        self._pool = None
+        if workers > 1:
+            self._pool = ProcessPoolExecutor(
+                workers,
+                mp_context=get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(threads,),
+            )
+        else:
+            _init_worker(threads)
+
+    def map(self, fn, jobs: Sequence, label=str) -> Iterable:
+        """Yields ``(job, result)`` as they finish, printing one line each."""
+        start = time.perf_counter()
+        if self._pool is None:
+            results = ((job, fn(job)) for job in jobs)
+        else:
+            futures = {self._pool.submit(fn, job): job for job in jobs}
+            results = ((futures[f], f.result()) for f in as_completed(futures))
+        for i, (job, result) in enumerate(results, 1):
+            print(
+                f"[{time.perf_counter() - start:7.0f}s] {i:3}/{len(jobs)} {label(job)}", flush=True
+            )
+            yield job, result
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def _label(job: harness.Job) -> str:
+    damping = "" if job.damping is None else f" damping={job.damping:g}"
+    return f"{job.phase:9} {job.task:13} {job.optimizer:8} lr={job.lr:g}{damping} seed={job.seed}"
+
+
+def _ordered(jobs: list[harness.Job]) -> list[harness.Job]:
+    return sorted(jobs, key=lambda j: (-COST.get(j.optimizer, 1), -j.steps))
+
+
+def _chosen(rows: list[dict], task: str, name: str) -> float:
+    """Best final validation metric of the sweep (diverged runs excluded)."""
+    task_ = TASKS[task]
+    runs = [r for r in rows if r["task"] == task and r["optimizer"] == name and not r["diverged"]]
+    if not runs:
+        return BY_NAME[name].lr_grid[len(BY_NAME[name].lr_grid) // 2]
+    sign = 1 if task_.higher_is_better else -1
+    return max(runs, key=lambda r: sign * r["final_val"])["lr"]
+
+
+def run_suite(args: argparse.Namespace) -> Path:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc)
+    clock = time.perf_counter()
+    tasks = args.tasks or list(TASKS)
+    names = args.optimizers or [s.name for s in SPECS]
+    if "AdamW" not in names:
+        names = ["AdamW", *names]  # every ratio is to AdamW
+    seeds = range(args.seeds if args.seeds is not None else (3 if args.profile == "full" else 1))
+    pool = Pool(args.workers, args.threads)
+    rows: list[dict] = []
+    curves: list[dict] = []
+
+    def collect(jobs: list[harness.Job]) -> None:
+        for _, (row, points) in pool.map(harness.train, _ordered(jobs), _label):
+            rows.append(row)
+            curves.extend(points)
+            _write_csv(out / "runs.csv", RUN_FIELDS, rows)
+
+    # (1) sweep and (3) stability are independent of each other: one batch of jobs.
+    first = []
+    for task in tasks:
+        budget = harness.budget(task, args.profile)
+        if budget.sweep_steps:
+            first += [
+                harness.Job("sweep", task, args.profile, name, lr, 0, budget.sweep_steps, 1)
+                for name in names
+                for lr in BY_NAME[name].lr_grid
+            ]
+    stability = _stability_jobs(args.profile, tasks, names)
+    collect(first + stability)
+    sweep_rows = [r for r in rows if r["phase"] == "sweep"]
+    chosen = {task: {name: _chosen(sweep_rows, task, name) for name in names} for task in tasks}
+
+    # (2) final runs.
+    collect(
+        [
+            harness.Job(
+                "final",
+                task,
+                args.profile,
+                name,
+                chosen[task][name],
+                seed,
+                harness.budget(task, args.profile).steps,
+                harness.budget(task, args.profile).evals,
+            )
+            for task in tasks
+            for name in names
+            for seed in seeds
+        ]
+    )
+    _write_csv(out / "curves.csv", CURVE_FIELDS, curves)
+
+    # (4) interleaved step time, one task per worker.
+    timing = []
+    rounds = STEP_TIME_ROUNDS[args.profile]
+    for _, result in pool.map(
+        _step_time,
+        [(t, args.profile, chosen[t], rounds) for t in tasks],
+        lambda j: f"step time {j[0]}",
+    ):
+        timing += result
+    _write_csv(out / "step_time.csv", tuple(timing[0]), timing)
+    pool.close()
+
+    meta = _meta(args, tasks, names, chosen, started, time.perf_counter() - clock)
+    meta["stability"] = STABILITY if stability else None
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    from benchmarks.report import write_report
+
+    return write_report(out)
+
+
+def _step_time(job: tuple) -> list[dict]:
+    return harness.step_time(*job)
+
+
+def _stability_jobs(profile: str, tasks: list[str], names: list[str]) -> list[harness.Job]:
+    task = STABILITY["task"]
+    if profile == "quick" or task not in tasks:
+        return []
+    steps = harness.budget(task, profile).sweep_steps
+    return [
+        harness.Job("stability", task, profile, name, lr, 0, steps, 1, damping=damping)
+        for name in STABILITY["optimizers"]
+        if name in names
+        for damping in STABILITY["dampings"]
+        for lr in STABILITY["lrs"]
+    ]
+
+
+def _write_csv(path: Path, fields: Sequence[str], rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _machine(args: argparse.Namespace) -> dict[str, object]:
+    cpu = platform.processor() or "unknown"
+    meminfo = Path("/proc/meminfo")
+    memory = None
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    if meminfo.exists():
+        memory = round(int(meminfo.read_text().split()[1]) / 2**20, 1)
+    return dict(
+        cpu=cpu,
+        cores=os.cpu_count(),
+        memory_gib=memory,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        threads_per_run=args.threads,
+        parallel_runs=args.workers,
+        os=platform.platform(),
+    )
+
+
+def _git_commit() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+uncommitted changes" if dirty else "")
+
+
+def _meta(args, tasks, names, chosen, started, seconds) -> dict[str, object]:
+    task_meta = {}
+    for name in tasks:
+        task, budget = TASKS[name], harness.budget(name, args.profile)
+        task_meta[name] = dict(
+            title=task.title,
+            metric=task.metric,
+            higher_is_better=task.higher_is_better,
+            model=task.description,
+            data="generated (tiny profile)"
+            if args.profile == "tiny"
+            else f"real; training subset {budget.subset or 'all'}",
+            batch_size=task.batch_size,
+            steps=budget.steps,
+            sweep_steps=budget.sweep_steps,
+            evals=budget.evals,
+            schedule=SCHEDULE,
+        )
+    return dict(
+        command=args.command or " ".join(["python -m benchmarks.suite", *sys.argv[1:]]),
+        profile=args.profile,
+        started=started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        finished=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        wall_minutes=round(seconds / 60, 1),
+        git_commit=_git_commit(),
+        machine=_machine(args),
+        tasks=task_meta,
+        optimizers={
+            n: dict(
+                description=BY_NAME[n].description,
+                family=BY_NAME[n].family,
+                lr_grid=list(BY_NAME[n].lr_grid),
+            )
+            for n in names
+        },
+        chosen_lr=chosen,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=("full", "quick", "tiny"), default="quick")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None)
+    parser.add_argument("--optimizers", nargs="+", choices=list(BY_NAME), default=None)
+    parser.add_argument("--seeds", type=int, default=None, help="default: 3 (full), 1 otherwise")
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--command", default=None, help="how the report names this command")
+    report = run_suite(parser.parse_args(argv))
+    print(f"report: {report}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

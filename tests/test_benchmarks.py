@@ -1,0 +1,175 @@
+"""The benchmark pipeline, smoke-run on its ``tiny`` profile (generated data, a few steps), and
+the pieces whose mistakes would silently bias a comparison: the schedule, the step protocol of
+each optimizer, the time-to-target arithmetic. No timing is asserted."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import report, suite
+from benchmarks.optimizers import BY_NAME, SPECS
+from benchmarks.tasks import TASKS, lr_factor
+
+NAMES = [spec.name for spec in SPECS]
+
+
+def _rows(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    suite.main(["--profile", "tiny", "--workers", "1", "--out", str(out)])
+    return out
+
+
+def test_tiny_suite_writes_every_phase_for_every_optimizer(tiny):
+    runs = _rows(tiny / "runs.csv")
+    for task in TASKS:
+        for name in NAMES:
+            mine = [r for r in runs if r["task"] == task and r["optimizer"] == name]
+            phases = sorted(r["phase"] for r in mine)
+            assert phases.count("sweep") == len(BY_NAME[name].lr_grid), (task, name)
+            assert phases.count("final") == 1, (task, name)
+            final = next(r for r in mine if r["phase"] == "final")
+            assert int(final["steps"]) == TASKS[task].budgets["tiny"].steps
+            for field in ("final_val", "final_test", "mean_grad_norm", "train_seconds"):
+                assert math.isfinite(float(final[field])), (task, name, field)
+    stability = [r for r in runs if r["phase"] == "stability"]
+    assert len(stability) == 3 * 3 * 3
+    assert {r["optimizer"] for r in stability} == {"KFAC", "RING", "RENG"}
+
+
+def test_tiny_suite_chooses_the_best_validation_rate(tiny):
+    meta = json.loads((tiny / "meta.json").read_text())
+    runs = _rows(tiny / "runs.csv")
+    for task, chosen in meta["chosen_lr"].items():
+        sign = 1 if TASKS[task].higher_is_better else -1
+        for name, lr in chosen.items():
+            sweep = [r for r in runs if r["phase"] == "sweep" and r["task"] == task
+                     and r["optimizer"] == name and r["diverged"] == "False"]  # fmt: skip
+            best = max(sweep, key=lambda r: sign * float(r["final_val"]))
+            assert float(best["lr"]) == lr
+            final = next(r for r in runs if r["phase"] == "final" and r["task"] == task
+                         and r["optimizer"] == name)  # fmt: skip
+            assert float(final["lr"]) == lr
+
+
+def test_tiny_suite_curves_timing_and_report(tiny):
+    curves = _rows(tiny / "curves.csv")
+    budget = TASKS["fashion_mnist"].budgets["tiny"]
+    mine = [r for r in curves if r["task"] == "fashion_mnist" and r["optimizer"] == "RING"]
+    assert [int(r["step"]) for r in mine] == [0, budget.steps // 2, budget.steps]
+    assert float(mine[0]["seconds"]) == 0.0 < float(mine[-1]["seconds"])
+    timing = _rows(tiny / "step_time.csv")
+    assert {(r["task"], r["optimizer"]) for r in timing} == {(t, n) for t in TASKS for n in NAMES}
+    assert all(float(r["ratio_to_adamw"]) == 1.0 for r in timing if r["optimizer"] == "AdamW")
+    text = (tiny / "report.md").read_text()
+    assert "Smoke run" in text
+    for task in TASKS:
+        assert TASKS[task].title in text
+        assert (tiny / f"curves_{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in NAMES:
+        assert f"| {name} |" in text
+    for png in ("headline.png", "grad_norm.png", "stability.png"):
+        assert (tiny / png).stat().st_size > 1000
+
+
+def test_worker_processes_give_the_same_results_as_in_process(tmp_path):
+    args = ["--profile", "tiny", "--tasks", "imdb", "--optimizers", "RING", "--seeds", "1"]
+    suite.main([*args, "--workers", "1", "--out", str(tmp_path / "a")])
+    suite.main([*args, "--workers", "2", "--out", str(tmp_path / "b")])
+
+    def results(d):
+        rows = _rows(d / "runs.csv")
+        return sorted((r["phase"], r["optimizer"], r["lr"], r["final_val"]) for r in rows)
+
+    assert results(tmp_path / "a") == results(tmp_path / "b")
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    total = 200
+    factors = [lr_factor(s, total) for s in range(total + 1)]
+    assert factors[0] == pytest.approx(0.1)
+    peak = max(factors)
+    assert peak == pytest.approx(1.0) and factors.index(peak) == 10
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    assert factors[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sophia_builds_the_gradient_graph_only_when_it_refreshes_its_hessian():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = BY_NAME["Sophia"].make(model, 0.06)
+    graphs = []
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    for _ in range(21):
+        graphs.append(opt._needs_graph())
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    assert [i for i, g in enumerate(graphs) if g] == [0, 10, 20]
+
+
+def test_singd_composite_updates_every_parameter():
+    """SINGD skips embeddings and LayerNorms; the benchmark's composite must not leave them
+    frozen (that would hand SINGD a different model)."""
+    torch.manual_seed(0)
+    model = TASKS["shakespeare"].model(16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = BY_NAME["SINGD"].make(model, 1e-3)
+    x = torch.randint(0, 16, (4, 8))
+    opt.step(lambda: TASKS["shakespeare"].loss(model(x), x))
+    frozen = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert frozen == []
+
+
+def test_reported_gradient_norm_is_the_plain_gradient_norm_for_reng():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    plain = torch.linalg.vector_norm(
+        torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
+    )
+    opt = BY_NAME["RENG"].make(model, 0.01)
+    _, norm = opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    assert norm == pytest.approx(float(plain), rel=1e-5)
+
+
+def _fake_results(tmp_path, adamw, ring):
+    """Two optimizers, one accuracy task; curves as {seed: [(step, seconds, test)]}."""
+    meta = {"profile": "tiny", "tasks": {"t": {"title": "T", "metric": "accuracy",
+            "higher_is_better": True}}, "optimizers": {"AdamW": {"family": "baseline"},
+            "RING": {"family": "grng"}}}  # fmt: skip
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    runs, points = [], []
+    for name, curves in (("AdamW", adamw), ("RING", ring)):
+        for seed, curve in curves.items():
+            runs.append(dict.fromkeys(suite.RUN_FIELDS, "nan") | dict(
+                phase="final", task="t", optimizer=name, seed=seed, diverged="False",
+                final_test=curve[-1][2], damping=""))  # fmt: skip
+            points += [dict(task="t", optimizer=name, seed=seed, step=s, seconds=t, train_loss=1,
+                            val_metric=a, test_metric=a) for s, t, a in curve]  # fmt: skip
+    suite._write_csv(tmp_path / "runs.csv", suite.RUN_FIELDS, runs)
+    suite._write_csv(tmp_path / "curves.csv", suite.CURVE_FIELDS, points)
+    return report.Results.load(tmp_path)
+
+
+def test_time_to_target_is_paired_by_seed(tmp_path):
+    adamw = {0: [(0, 0, 0.1), (5, 10, 0.80), (10, 20, 0.85)],
+             1: [(0, 0, 0.1), (5, 10, 0.86), (10, 20, 0.84)]}  # fmt: skip
+    ring = {0: [(0, 0, 0.1), (5, 6, 0.85), (10, 12, 0.9)],
+            1: [(0, 0, 0.1), (5, 6, 0.80), (10, 12, 0.83)]}  # fmt: skip
+    res = _fake_results(tmp_path, adamw, ring)
+    # Seed 0: AdamW reaches its 0.85 at 20 s, RING at 6 s. Seed 1: AdamW reaches 0.84 at 10 s
+    # (an earlier point was higher), RING never does.
+    ratio, reached, total = report.target_ratio(res, "t", "RING", "seconds")
+    assert (ratio, reached, total) == (pytest.approx(6 / 20), 1, 2)
+    assert report.target_ratio(res, "t", "AdamW", "step") == (1.0, 2, 2)
