@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -108,7 +108,7 @@ def _tensor_bytes(obj: object) -> int:
 
 
 @torch.no_grad()
-def grad_norm(params: list[Tensor]) -> float:
+def grad_norm(params: Iterable[Tensor]) -> float:
     grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
         return math.nan

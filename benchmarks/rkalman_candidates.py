@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import lightning_grng as lg
+from benchmarks import defaults_sweep
 from lightning_grng.curvature.inverse import symmetrize
 from lightning_grng.curvature.kalman import (
     add_floor,
@@ -96,34 +97,8 @@ def candidates() -> dict[str, Factory]:
 
 
 def train_and_validate(make: Factory, loaders, epochs: int, seed: int) -> dict[str, float]:
-    torch.manual_seed(seed)
-    model = cnn()
-    opt = make(list(model.parameters()))
-    _attach(model, opt)
-    train, val = loaders
-    norms: list[float] = []
-    start = time.perf_counter()
-    for _ in range(epochs):
-        model.train()
-        for x, y in train:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            if isinstance(opt, lg.GRNGOptimizer):
-                opt.step()
-                norms.append(opt.diagnostics["grad_norm"])
-            else:
-                norms.append(
-                    float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
-                )
-                opt.step()
-    seconds = time.perf_counter() - start
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in val:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return dict(val_acc=correct / total, seconds=seconds, mean_grad_norm=sum(norms) / len(norms))
+    acc, seconds, norm = defaults_sweep.run(make, loaders, epochs, seed)
+    return dict(val_acc=acc, seconds=seconds, mean_grad_norm=norm)
 
 
 def run_candidates(subset: int, epochs: int, seeds: list[int], only: str | None) -> list[dict]:
