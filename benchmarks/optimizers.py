@@ -180,28 +180,28 @@ SPECS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec(
         "SGD",
         lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
-        (0.01, 0.03, 0.1),
+        (0.01, 0.03, 0.1, 0.3),
         "torch.optim.SGD, momentum 0.9",
         "baseline",
     ),
     OptimizerSpec(
         "AdamW",
         lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr),
-        (3e-4, 1e-3, 3e-3),
+        (3e-4, 1e-3, 3e-3, 1e-2),
         "torch.optim.AdamW, betas (0.9, 0.999), weight decay 0.01",
         "baseline",
     ),
     OptimizerSpec(
         "Sophia",
         _sophia,
-        (0.02, 0.06, 0.2),
+        (0.02, 0.06, 0.2, 0.6),
         "pytorch-optimizer SophiaH (Hutchinson diagonal every 10 steps, clip p=0.01)",
         "baseline",
     ),
     OptimizerSpec(
         "SINGD",
         _singd,
-        (0.03, 0.1, 0.3),
+        (0.03, 0.1, 0.3, 1.0),
         "singd SINGD (dense structured inverse-free K-FAC, T=10); AdamW for layers it skips",
         "kfac",
         damping_kw="damping",
@@ -209,10 +209,10 @@ SPECS: tuple[OptimizerSpec, ...] = (
     *(
         _ours(cls, grid, what)
         for cls, grid, what in (
-            (lg.KFAC, (0.01, 0.03, 0.1), "KFAC (ρ = 0)"),
-            (lg.RING, (0.01, 0.03, 0.1), "RING"),
-            (lg.RENG, (0.01, 0.03, 0.1), "RENG (double backprop)"),
-            (lg.RKalman, (0.3, 1.0, 3.0), "RKalman"),
+            (lg.KFAC, (0.01, 0.03, 0.1, 0.3), "KFAC (ρ = 0)"),
+            (lg.RING, (0.01, 0.03, 0.1, 0.3), "RING"),
+            (lg.RENG, (0.01, 0.03, 0.1, 0.3), "RENG (double backprop)"),
+            (lg.RKalman, (0.3, 1.0, 3.0, 10.0), "RKalman"),
         )
     ),
 )

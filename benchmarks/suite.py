@@ -134,6 +134,7 @@ def run_suite(args: argparse.Namespace) -> Path:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
+    commit = _git_commit()  # at the start: the code that runs is the code of this commit
     clock = time.perf_counter()
     tasks = args.tasks or list(TASKS)
     names = args.optimizers or [s.name for s in SPECS]
@@ -144,11 +145,22 @@ def run_suite(args: argparse.Namespace) -> Path:
     rows: list[dict] = []
     curves: list[dict] = []
 
+    previous = _previous_runs(out) if args.resume else {}
+
     def collect(jobs: list[harness.Job]) -> None:
-        for _, (row, points) in pool.map(harness.train, _ordered(jobs), _label):
+        todo = []
+        for job in jobs:
+            if _key(job) in previous:  # --resume: this run is already in runs.csv
+                row, points = previous[_key(job)]
+                rows.append(row)
+                curves.extend(points)
+            else:
+                todo.append(job)
+        for _, (row, points) in pool.map(harness.train, _ordered(todo), _label):
             rows.append(row)
             curves.extend(points)
             _write_csv(out / "runs.csv", RUN_FIELDS, rows)
+            _write_csv(out / "curves.csv", CURVE_FIELDS, curves)
 
     # (1) sweep and (3) stability are independent of each other: one batch of jobs.
     first = []
@@ -198,11 +210,39 @@ def run_suite(args: argparse.Namespace) -> Path:
     pool.close()
 
     meta = _meta(args, tasks, names, chosen, started, time.perf_counter() - clock)
+    meta["git_commit"] = commit
     meta["stability"] = STABILITY if stability else None
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     from benchmarks.report import write_report
 
     return write_report(out)
+
+
+def _key(job: harness.Job) -> tuple:
+    damping = "" if job.damping is None else float(job.damping)
+    return (job.phase, job.task, job.optimizer, float(job.lr), damping, int(job.seed))
+
+
+def _previous_runs(out: Path) -> dict[tuple, tuple[dict, list[dict]]]:
+    """Completed runs of an interrupted suite (same code, same budgets), keyed like jobs. A
+    final run counts only with its curve."""
+    curves = _read_csv(out / "curves.csv")
+    previous = {}
+    for row in _read_csv(out / "runs.csv"):
+        row |= dict(
+            lr=float(row["lr"]),
+            seed=int(row["seed"]),
+            final_val=float(row["final_val"]),
+            diverged=row["diverged"] == "True",
+            damping=float(row["damping"]) if row["damping"] else "",
+        )
+        run = (row["task"], row["optimizer"], str(row["seed"]))
+        points = [c for c in curves if (c["task"], c["optimizer"], c["seed"]) == run]
+        if row["phase"] == "final" and not points:
+            continue
+        key = tuple(row[k] for k in ("phase", "task", "optimizer", "lr", "damping", "seed"))
+        previous[key] = (row, points)
+    return previous
 
 
 def _step_time(job: tuple) -> list[dict]:
@@ -221,6 +261,13 @@ def _stability_jobs(profile: str, tasks: list[str], names: list[str]) -> list[ha
         for damping in STABILITY["dampings"]
         for lr in STABILITY["lrs"]
     ]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _write_csv(path: Path, fields: Sequence[str], rows: list[dict]) -> None:
@@ -290,7 +337,6 @@ def _meta(args, tasks, names, chosen, started, seconds) -> dict[str, object]:
         started=started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         finished=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         wall_minutes=round(seconds / 60, 1),
-        git_commit=_git_commit(),
         machine=_machine(args),
         tasks=task_meta,
         optimizers={
@@ -315,6 +361,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--command", default=None, help="how the report names this command")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the completed runs already in --out (after an interruption)",
+    )
     report = run_suite(parser.parse_args(argv))
     print(f"report: {report}")
     return report
