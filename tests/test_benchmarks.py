@@ -173,3 +173,22 @@ def test_time_to_target_is_paired_by_seed(tmp_path):
     ratio, reached, total = report.target_ratio(res, "t", "RING", "seconds")
     assert (ratio, reached, total) == (pytest.approx(6 / 20), 1, 2)
     assert report.target_ratio(res, "t", "AdamW", "step") == (1.0, 2, 2)
+
+
+def test_resume_reruns_only_the_missing_runs(tmp_path):
+    args = ["--profile", "tiny", "--tasks", "imdb", "--optimizers", "RING", "--workers", "1",
+            "--out", str(tmp_path)]  # fmt: skip
+    suite.main(args)
+    complete = _rows(tmp_path / "runs.csv")
+    kept = complete[:3]  # an interruption after three runs
+    suite._write_csv(tmp_path / "runs.csv", suite.RUN_FIELDS, kept)
+    suite.main([*args, "--resume"])
+    resumed = _rows(tmp_path / "runs.csv")
+    assert len(resumed) == len(complete)
+    key = ("phase", "optimizer", "lr", "seed")
+    for row in kept:  # reused as they were, not rerun (a rerun would time differently)
+        again = next(r for r in resumed if all(r[k] == row[k] for k in key))
+        assert again["train_seconds"] == row["train_seconds"]
+    assert {tuple(r[k] for k in key) for r in resumed} == {
+        tuple(r[k] for k in key) for r in complete
+    }
