@@ -144,7 +144,7 @@ def train(job: Job) -> tuple[dict[str, object], list[dict[str, object]]]:
             diverged = True
             eval_at.add(step)
     final_loss = statistics.fmean(losses[-20:]) if losses else math.nan
-    first_loss = statistics.fmean(losses[:20]) if losses else math.nan
+    first_loss = losses[0] if losses else math.nan
     finite_norms = [n for n in norms if math.isfinite(n)]
     row = dict(
         phase=job.phase,
@@ -163,7 +163,9 @@ def train(job: Job) -> tuple[dict[str, object], list[dict[str, object]]]:
         mean_grad_norm=statistics.fmean(finite_norms) if finite_norms else math.nan,
         peak_rss_mib=round(peak, 1),
         state_mib=round(opt.state_bytes() / 2**20, 3),
-        diverged=diverged or not final_loss <= first_loss,
+        # Failed: the loss went non-finite, or training ends without having learnt anything
+        # (final loss not below 95 % of the first step's, e.g. collapsed to uniform outputs).
+        diverged=diverged or not final_loss < 0.95 * first_loss,
     )
     if task.metric == "accuracy" and not diverged:
         row["test_loss"] = _test_loss(task, model, test_set)

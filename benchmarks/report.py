@@ -458,7 +458,8 @@ def stability_section(res: Results) -> list[str]:
     task = spec.get("task", "")
     lines = ["## Stability", "", f"Final validation {res.metric(task)} on {task} after a damping ×"]
     lines += [
-        "learning-rate grid; `div` = diverged.",
+        "learning-rate grid; `div` = failed: the loss went non-finite, or its final value is not"
+        " below 95 % of the first step's (nothing learnt).",
         "",
         "![stability heat map](stability.png)",
         "",
@@ -466,7 +467,7 @@ def stability_section(res: Results) -> list[str]:
     for opt in spec.get("optimizers", []):
         damps, lrs, grid = stability_grid(res, opt)
         divs = sum(v == -math.inf for line in grid for v in line)
-        lines += [f"### {opt}: {divs} of {len(damps) * len(lrs)} diverged", ""]
+        lines += [f"### {opt}: {divs} of {len(damps) * len(lrs)} failed", ""]
         rows = [
             [f"{d:g}", *(fmt_cell(v, res.metric(task)) for v in line)]
             for d, line in zip(damps, grid, strict=True)
@@ -609,7 +610,7 @@ def plot_stability(res: Results, out: Path) -> str:
         ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
         ax.set_yticks(range(len(damps)), [f"{d:g}" for d in damps])
         ax.set(xlabel="lr", ylabel="damping" if i == 0 else "", title=opt)
-    fig.colorbar(image, ax=axes[0].tolist(), label=f"final val {res.metric(task)} (× = diverged)")
+    fig.colorbar(image, ax=axes[0].tolist(), label=f"final val {res.metric(task)} (× = failed)")
     return save(fig, out / "stability.png")
 
 
