@@ -19,7 +19,7 @@ Everything is batched over leading dimensions (the block's groups) and is plain 
 arithmetic: no ``linalg.inv``/``solve``/``cholesky``/``eigh``/``pinv`` and no Newton iteration.
 The derivation, the error bounds and the measured candidates are in ``docs/algorithms.md §7``.
 
-:class:`KalmanAccumulator` turns the capture hooks' rows into the measurement (a Gaussian sketch
+:class:`KalmanAccumulator` turns the capture hooks' rows into the measurement (a sign sketch
 or a row sample, :class:`MeasurementMethod`), and :class:`KalmanFactors` holds one block's filter
 state and runs one filter update (predict, floor, measure, guards).
 """
@@ -190,8 +190,9 @@ class Measurement:
 class KalmanAccumulator:
     """Keeps what the measurement step needs: k compressed rows per factor, and exact traces.
 
-    ``"sketch"``: every pass adds ``Xᵀ Ω`` with ``Ω`` of shape ``(R, k)``, i.i.d. ``N(0, 1/k)``,
-    so ``E[U Uᵀ] = Σ XᵀX`` over the passes (unbiased, k columns whatever R; O(R·n·k) flops).
+    ``"sketch"``: every pass adds ``Xᵀ Ω`` with ``Ω`` an ``(R, k)`` sign sketch (row r has one
+    random ±1, in column r mod k), so ``E[U Uᵀ] = Σ XᵀX`` over the passes (unbiased, k columns
+    whatever R; O(R·n) work).
     ``"rows"``: every pass keeps k of its R rows drawn without replacement, scaled by
     ``sqrt(R/k)`` (also unbiased); all rows, unscaled, when ``R <= k``, so the measurement is
     exactly the batch statistic for a linear layer whose batch has at most k rows.
@@ -244,9 +245,18 @@ class KalmanAccumulator:
         """``(groups, n, k')`` with ``E[U Uᵀ] = rowsᵀ rows``."""
         n_rows, k = rows.shape[-2], self.size
         if self.method is MeasurementMethod.SKETCH:
+            # Signed bucket sums: column b adds the rows r ≡ b (mod k), each with a random sign.
+            # The signs alone make E[U Uᵀ] = XᵀX (cross terms have mean zero); the work is one
+            # multiply and one reduction over R·n entries, where a dense Gaussian Ω costs R·k
+            # normals and 2R·n·k flops (the draws alone were most of RKalman's own conv time).
             gen = self._generator(rows.device)
-            omega = torch.randn(n_rows, k, generator=gen, device=rows.device, dtype=rows.dtype)
-            return rows.transpose(-1, -2) @ omega.mul_(1.0 / math.sqrt(k))
+            sign = torch.randint(2, (n_rows, 1), generator=gen, device=rows.device)
+            signed = rows * sign.to(rows.dtype).mul_(2.0).sub_(1.0)
+            whole = n_rows // k * k
+            lead, n = rows.shape[:-2], rows.shape[-1]
+            out = signed[..., :whole, :].reshape(*lead, n_rows // k, k, n).sum(-3)
+            out[..., : n_rows - whole, :] += signed[..., whole:, :]
+            return out.transpose(-1, -2)
         if n_rows <= k:
             return rows.transpose(-1, -2)
         gen = self._generator(rows.device)

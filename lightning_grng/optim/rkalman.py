@@ -77,7 +77,7 @@ class RKalman(GRNGOptimizer):
             ``P_G = σ²I`` is fixed and only ``P_A`` is filtered (exact for a linear-Gaussian
             layer; a one-sided preconditioner for hidden layers). None (default): ``P_G`` is
             filtered from the back-propagated errors (``fisher``).
-        measurement: ``"sketch"`` (k Gaussian sketch vectors ``XᵀΩ`` per factor) or ``"rows"``
+        measurement: ``"sketch"`` (k signed sums of rows, ``XᵀΩ``, per factor) or ``"rows"``
             (k rows drawn at random; all rows, exactly, when a pass has at most k).
         measurement_size: k >= 1, measurement vectors per factor and pass.
         floor_tol: bound on the relative over-application of each damping-floor increment by
