@@ -147,6 +147,10 @@ def run_suite(args: argparse.Namespace) -> Path:
 
     previous = _previous_runs(out) if args.resume else {}
 
+    def save() -> None:
+        _write_csv(out / "runs.csv", RUN_FIELDS, rows)
+        _write_csv(out / "curves.csv", CURVE_FIELDS, curves)
+
     def collect(jobs: list[harness.Job]) -> None:
         todo = []
         for job in jobs:
@@ -159,8 +163,8 @@ def run_suite(args: argparse.Namespace) -> Path:
         for _, (row, points) in pool.map(harness.train, _ordered(todo), _label):
             rows.append(row)
             curves.extend(points)
-            _write_csv(out / "runs.csv", RUN_FIELDS, rows)
-            _write_csv(out / "curves.csv", CURVE_FIELDS, curves)
+            save()  # after every run, so an interruption loses at most the runs in flight
+        save()
 
     # (1) sweep and (3) stability are independent of each other: one batch of jobs.
     first = []
@@ -195,7 +199,6 @@ def run_suite(args: argparse.Namespace) -> Path:
             for seed in seeds
         ]
     )
-    _write_csv(out / "curves.csv", CURVE_FIELDS, curves)
 
     # (4) interleaved step time, one task per worker.
     timing = []
@@ -236,10 +239,12 @@ def _previous_runs(out: Path) -> dict[tuple, tuple[dict, list[dict]]]:
             diverged=row["diverged"] == "True",
             damping=float(row["damping"]) if row["damping"] else "",
         )
-        run = (row["task"], row["optimizer"], str(row["seed"]))
-        points = [c for c in curves if (c["task"], c["optimizer"], c["seed"]) == run]
-        if row["phase"] == "final" and not points:
-            continue
+        points = []
+        if row["phase"] == "final":  # only final runs have curves
+            run = (row["task"], row["optimizer"], str(row["seed"]))
+            points = [c for c in curves if (c["task"], c["optimizer"], c["seed"]) == run]
+            if not points:
+                continue
         key = tuple(row[k] for k in ("phase", "task", "optimizer", "lr", "damping", "seed"))
         previous[key] = (row, points)
     return previous
