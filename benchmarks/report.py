@@ -249,7 +249,7 @@ def provenance(res: Results) -> list[str]:
         "",
         f"Produced by `{m.get('command', '?')}` (profile `{m.get('profile', '?')}`) on"
         f" {m.get('started', '?')} at commit `{m.get('git_commit', '?')}`. Machine: {machine}."
-        f" Total wall time: {m.get('wall_minutes', '?')} min.",
+        f" Wall time of this invocation: {m.get('wall_minutes', '?')} min.",
         "",
     ]
     if m.get("profile") != "full":
