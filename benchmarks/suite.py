@@ -306,16 +306,20 @@ def _machine(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _git_commit() -> str:
+    """HEAD, marked when tracked code differs from it (results and docs do not count)."""
+    code = ["lightning_grng", "grng", "benchmarks/*.py", "examples", "pyproject.toml"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *code],
+            capture_output=True,
+            text=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return commit + ("+uncommitted changes" if dirty else "")
+    return commit + ("+uncommitted code changes" if dirty else "")
 
 
 def _meta(args, tasks, names, chosen, started, seconds) -> dict[str, object]:
