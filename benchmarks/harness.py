@@ -168,7 +168,7 @@ def train(job: Job) -> tuple[dict[str, object], list[dict[str, object]]]:
         diverged=diverged or not final_loss < 0.95 * first_loss,
     )
     if task.metric == "accuracy" and not diverged:
-        row["test_loss"] = _test_loss(task, model, test_set)
+        row["test_loss"] = task.evaluate(model, test_set, "loss")
     elif task.metric == "loss":
         row["test_loss"] = test
     points = [dict(task=job.task, optimizer=job.optimizer, seed=job.seed, **p) for p in curve]
@@ -180,17 +180,6 @@ def _best(values: list[float], higher: bool) -> float:
     if not finite:
         return math.nan
     return max(finite) if higher else min(finite)
-
-
-@torch.no_grad()
-def _test_loss(task: Task, model: torch.nn.Module, data: TensorDataset) -> float:
-    x, y = data.tensors
-    model.eval()
-    losses = [
-        float(task.loss(model(x[i : i + 1000]), y[i : i + 1000])) * len(y[i : i + 1000])
-        for i in range(0, len(y), 1000)
-    ]
-    return sum(losses) / len(y)
 
 
 # ---------------------------------------------------------------------------- step time

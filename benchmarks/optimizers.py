@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,6 @@ class OptimizerSpec:
     description: str
     family: str  # "baseline", "kfac" (K-FAC family, ρ = 0) or "grng"
     damping_kw: str | None = None  # keyword of the damping, for the stability grid
-    extra: dict[str, object] = field(default_factory=dict)
 
     def make(self, model: nn.Module, lr: float, damping: float | None = None) -> Optimizer:
         """The optimizer for ``model`` (attached when it is a GRNG optimizer)."""

@@ -30,6 +30,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.optimizers import BY_NAME, SPECS
+from benchmarks.report import read_csv, write_report
 from benchmarks.tasks import SCHEDULE, TASKS
 
 RUN_FIELDS = (
@@ -216,8 +217,6 @@ def run_suite(args: argparse.Namespace) -> Path:
     meta["git_commit"] = commit
     meta["stability"] = STABILITY if stability else None
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    from benchmarks.report import write_report
-
     return write_report(out)
 
 
@@ -229,9 +228,9 @@ def _key(job: harness.Job) -> tuple:
 def _previous_runs(out: Path) -> dict[tuple, tuple[dict, list[dict]]]:
     """Completed runs of an interrupted suite (same code, same budgets), keyed like jobs. A
     final run counts only with its curve."""
-    curves = _read_csv(out / "curves.csv")
+    curves = read_csv(out / "curves.csv")
     previous = {}
-    for row in _read_csv(out / "runs.csv"):
+    for row in read_csv(out / "runs.csv"):
         row |= dict(
             lr=float(row["lr"]),
             seed=int(row["seed"]),
@@ -266,13 +265,6 @@ def _stability_jobs(profile: str, tasks: list[str], names: list[str]) -> list[ha
         for damping in STABILITY["dampings"]
         for lr in STABILITY["lrs"]
     ]
-
-
-def _read_csv(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _write_csv(path: Path, fields: Sequence[str], rows: list[dict]) -> None:

@@ -50,15 +50,22 @@ class Task:
         return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: TensorDataset, batch_size: int = 1000) -> float:
-        """Accuracy, or the mean per-token cross-entropy, over the whole split."""
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: TensorDataset,
+        metric: str | None = None,
+        batch_size: int = 1000,
+    ) -> float:
+        """The task's metric (or ``metric``): accuracy, or the mean per-token cross-entropy
+        ("loss"), over the whole split."""
         model.eval()
         total, count = 0.0, 0
         x_all, y_all = data.tensors
         for start in range(0, len(x_all), batch_size):
             x, y = x_all[start : start + batch_size], y_all[start : start + batch_size]
             out = model(x)
-            if self.metric == "accuracy":
+            if (metric or self.metric) == "accuracy":
                 total += float((out.argmax(-1) == y).sum())
             else:
                 total += float(self.loss(out, y)) * y.numel()
