@@ -101,8 +101,9 @@ def _tensor_bytes(obj: object) -> int:
         return sum(_tensor_bytes(v) for v in obj.values())
     if isinstance(obj, list | tuple):
         return sum(_tensor_bytes(v) for v in obj)
-    if hasattr(obj, "state_dict") and not isinstance(obj, type):
-        return _tensor_bytes(obj.state_dict())
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        # Structured state objects (SINGD's K/C matrices) hold their tensors as attributes.
+        return sum(_tensor_bytes(v) for v in vars(obj).values() if isinstance(v, Tensor))
     return 0
 
 

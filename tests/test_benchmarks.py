@@ -216,3 +216,16 @@ def test_learning_rate_choice_ignores_failed_runs_and_respects_the_metric_direct
     assert suite._chosen(rows, "shakespeare", "RING") == 0.01  # a loss: lower is better
     grid = BY_NAME["RING"].lr_grid
     assert suite._chosen(rows, "imdb", "RING") == grid[len(grid) // 2]  # nothing usable
+
+
+def test_state_size_counts_singds_structured_factors():
+    """SINGD keeps its K and C factors as structured-matrix objects in its state dict; they
+    must be counted, not only the momentum buffers."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = BY_NAME["SINGD"].make(model, 0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    momentum = sum(p.numel() for p in model.parameters()) * 4
+    factors = (5 * 5 + 2 * 2) * 4  # K over the 4 inputs + bias, C over the 2 outputs (float32)
+    assert opt.state_bytes() >= momentum + factors
