@@ -166,13 +166,40 @@ def train(job: Job) -> tuple[dict[str, object], list[dict[str, object]]]:
         # Failed: the loss went non-finite, or training ends without having learnt anything
         # (final loss not below 95 % of the first step's, e.g. collapsed to uniform outputs).
         diverged=diverged or not final_loss < 0.95 * first_loss,
+        train_metric=math.nan,
+        sharpness=math.nan,
     )
     if task.metric == "accuracy" and not diverged:
         row["test_loss"] = task.evaluate(model, test_set, "loss")
     elif task.metric == "loss":
         row["test_loss"] = test
+    if task.generalization and job.phase == "final" and not diverged:
+        row["train_metric"] = task.evaluate(model, train_set)
+        row["sharpness"] = top_hessian_eigenvalue(model, task, train_set)
     points = [dict(task=job.task, optimizer=job.optimizer, seed=job.seed, **p) for p in curve]
     return row, points if job.phase == "final" else []
+
+
+def top_hessian_eigenvalue(
+    model: torch.nn.Module, task: Task, data: TensorDataset, samples: int = 1024, iters: int = 20
+) -> float:
+    """Sharpness: the largest eigenvalue of the Hessian of the mean training loss on the first
+    ``samples`` training examples, by power iteration on exact Hessian-vector products (double
+    backprop). Seeded start, so the same weights give the same number."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, y = (t[:samples] for t in data.tensors)
+    loss = task.loss(model(x), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    gen = torch.Generator().manual_seed(0)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    eigenvalue = math.nan
+    for _ in range(iters):
+        norm = torch.sqrt(sum((u * u).sum() for u in v))
+        v = [u / norm for u in v]
+        hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+        eigenvalue = float(sum((h * u).sum() for h, u in zip(hv, v, strict=True)))
+        v = [h.detach() for h in hv]
+    return eigenvalue
 
 
 def _best(values: list[float], higher: bool) -> float:

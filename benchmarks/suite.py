@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness
-from benchmarks.optimizers import BY_NAME, SPECS
+from benchmarks.optimizers import BY_NAME, SPECS, runs_on
 from benchmarks.report import read_csv, write_report
 from benchmarks.tasks import SCHEDULE, TASKS
 
@@ -51,6 +51,8 @@ RUN_FIELDS = (
     "peak_rss_mib",
     "state_mib",
     "diverged",
+    "train_metric",
+    "sharpness",
 )
 CURVE_FIELDS = (
     "task",
@@ -69,6 +71,9 @@ STABILITY = {
     "lrs": [0.03, 0.1, 0.3],
 }
 STEP_TIME_ROUNDS = {"full": 60, "quick": 20, "tiny": 3}
+GRID_STEP = 3.0  # a grid grows by one ×3 step beyond the edge its best point sits on
+MAX_EXTENSIONS = 3
+EDGE_NAMES = {-1: "lower", 0: "", 1: "upper"}
 # The expensive optimizers go first so the worker pool ends evenly.
 COST = {"RENG": 4, "Sophia": 3, "SINGD": 2}
 
@@ -121,14 +126,34 @@ def _ordered(jobs: list[harness.Job]) -> list[harness.Job]:
     return sorted(jobs, key=lambda j: (-COST.get(j.optimizer, 1), -j.steps))
 
 
-def _chosen(rows: list[dict], task: str, name: str) -> float:
-    """Best final validation metric of the sweep (diverged runs excluded)."""
+def _chosen(rows: list[dict], task: str, name: str) -> tuple[float, int]:
+    """Best final validation metric of the sweep (failed runs excluded), and where it sits in
+    the grid that was run: -1 on the lower edge, +1 on the upper edge, 0 inside."""
     task_ = TASKS[task]
-    runs = [r for r in rows if r["task"] == task and r["optimizer"] == name and not r["diverged"]]
-    if not runs:
-        return BY_NAME[name].lr_grid[len(BY_NAME[name].lr_grid) // 2]
+    runs = [r for r in rows if r["task"] == task and r["optimizer"] == name]
+    ok = [r for r in runs if not r["diverged"]]
+    if not ok:
+        grid = BY_NAME[name].lr_grid
+        return grid[len(grid) // 2], 0
     sign = 1 if task_.higher_is_better else -1
-    return max(runs, key=lambda r: sign * r["final_val"])["lr"]
+    best = max(ok, key=lambda r: sign * r["final_val"])["lr"]
+    tried = [r["lr"] for r in runs]
+    return best, (best == max(tried)) - (best == min(tried))
+
+
+def _grid_value(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def _extended(best: float, side: int) -> float:
+    """One ×3 step beyond the edge the best point sits on."""
+    return _grid_value(best * GRID_STEP**side)
+
+
+def _best_cell(rows: list[dict], higher: bool) -> dict | None:
+    ok = [r for r in rows if not r["diverged"]]
+    sign = 1 if higher else -1
+    return max(ok, key=lambda r: sign * r["final_val"]) if ok else None
 
 
 def run_suite(args: argparse.Namespace) -> Path:
@@ -141,6 +166,10 @@ def run_suite(args: argparse.Namespace) -> Path:
     names = args.optimizers or [s.name for s in SPECS]
     if "AdamW" not in names:
         names = ["AdamW", *names]  # every ratio is to AdamW
+    # A ρ = 0 twin runs at its optimizer's chosen rate, so that optimizer runs too.
+    names += [t for n in names if (t := BY_NAME[n].twin_of) and t not in names]
+    on = {task: [n for n in names if runs_on(BY_NAME[n], task)] for task in tasks}
+    swept = {task: [n for n in on[task] if not BY_NAME[n].twin_of] for task in tasks}
     seeds = range(args.seeds if args.seeds is not None else (3 if args.profile == "full" else 1))
     pool = Pool(args.workers, args.threads)
     rows: list[dict] = []
@@ -167,20 +196,51 @@ def run_suite(args: argparse.Namespace) -> Path:
             save()  # after every run, so an interruption loses at most the runs in flight
         save()
 
+    def sweep_job(task: str, name: str, lr: float) -> harness.Job:
+        steps = harness.budget(task, args.profile).sweep_steps
+        return harness.Job("sweep", task, args.profile, name, lr, 0, steps, 1)
+
     # (1) sweep and (3) stability are independent of each other: one batch of jobs.
-    first = []
-    for task in tasks:
-        budget = harness.budget(task, args.profile)
-        if budget.sweep_steps:
-            first += [
-                harness.Job("sweep", task, args.profile, name, lr, 0, budget.sweep_steps, 1)
-                for name in names
-                for lr in BY_NAME[name].lr_grid
-            ]
-    stability = _stability_jobs(args.profile, tasks, names)
+    first = [
+        sweep_job(task, name, lr)
+        for task in tasks
+        if harness.budget(task, args.profile).sweep_steps
+        for name in swept[task]
+        for lr in BY_NAME[name].lr_grid
+    ]
+    stability = _stability_jobs(args.profile, tasks, names, STABILITY["dampings"])
     collect(first + stability)
+
+    # Grids tuned to the interior: a best point on an edge gets one more ×3 step beyond it,
+    # up to MAX_EXTENSIONS times; damping in the stability grid follows the same rule.
+    dampings = list(STABILITY["dampings"])
+    for _ in range(MAX_EXTENSIONS):
+        sweep_rows = [r for r in rows if r["phase"] == "sweep"]
+        more = []
+        for task in tasks:
+            if not harness.budget(task, args.profile).sweep_steps:
+                continue
+            for name in swept[task]:
+                best, side = _chosen(sweep_rows, task, name)
+                if side:
+                    more.append(sweep_job(task, name, _extended(best, side)))
+        more += _damping_extension(rows, args.profile, tasks, names, dampings)
+        if not more:
+            break
+        collect(more)
+
     sweep_rows = [r for r in rows if r["phase"] == "sweep"]
-    chosen = {task: {name: _chosen(sweep_rows, task, name) for name in names} for task in tasks}
+    placed = {task: {n: _chosen(sweep_rows, task, n) for n in swept[task]} for task in tasks}
+    chosen = {
+        task: {
+            n: placed[task][BY_NAME[n].twin_of or n][0] for n in on[task]
+        }
+        for task in tasks
+    }
+    edges = {
+        task: {n: EDGE_NAMES[side] for n, (_, side) in placed[task].items() if side}
+        for task in tasks
+    }
 
     # (2) final runs.
     collect(
@@ -196,7 +256,7 @@ def run_suite(args: argparse.Namespace) -> Path:
                 harness.budget(task, args.profile).evals,
             )
             for task in tasks
-            for name in names
+            for name in on[task]
             for seed in seeds
         ]
     )
@@ -215,7 +275,8 @@ def run_suite(args: argparse.Namespace) -> Path:
 
     meta = _meta(args, tasks, names, chosen, started, time.perf_counter() - clock)
     meta["git_commit"] = commit
-    meta["stability"] = STABILITY if stability else None
+    meta["stability"] = dict(STABILITY, dampings=sorted(dampings)) if stability else None
+    meta["lr_edges"] = edges
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return write_report(out)
 
@@ -253,7 +314,9 @@ def _step_time(job: tuple) -> list[dict]:
     return harness.step_time(*job)
 
 
-def _stability_jobs(profile: str, tasks: list[str], names: list[str]) -> list[harness.Job]:
+def _stability_jobs(
+    profile: str, tasks: list[str], names: list[str], dampings: Iterable[float]
+) -> list[harness.Job]:
     task = STABILITY["task"]
     if profile == "quick" or task not in tasks:
         return []
@@ -262,9 +325,29 @@ def _stability_jobs(profile: str, tasks: list[str], names: list[str]) -> list[ha
         harness.Job("stability", task, profile, name, lr, 0, steps, 1, damping=damping)
         for name in STABILITY["optimizers"]
         if name in names
-        for damping in STABILITY["dampings"]
+        for damping in dampings
         for lr in STABILITY["lrs"]
     ]
+
+
+def _damping_extension(
+    rows: list[dict], profile: str, tasks: list[str], names: list[str], dampings: list[float]
+) -> list[harness.Job]:
+    """One more damping row (every lr of the grid) beyond the edge where an optimizer's best
+    stability cell sits; ``dampings`` grows in place."""
+    cells = [r for r in rows if r["phase"] == "stability"]
+    higher = TASKS[STABILITY["task"]].higher_is_better
+    new = set()
+    for name in STABILITY["optimizers"]:
+        best = _best_cell([r for r in cells if r["optimizer"] == name], higher)
+        if best is None:
+            continue
+        side = (best["damping"] == max(dampings)) - (best["damping"] == min(dampings))
+        if side:
+            new.add(_extended(best["damping"], side))
+    new -= set(dampings)
+    dampings += sorted(new)
+    return _stability_jobs(profile, tasks, names, sorted(new))
 
 
 def _write_csv(path: Path, fields: Sequence[str], rows: list[dict]) -> None:
@@ -331,6 +414,7 @@ def _meta(args, tasks, names, chosen, started, seconds) -> dict[str, object]:
             sweep_steps=budget.sweep_steps,
             evals=budget.evals,
             schedule=SCHEDULE,
+            generalization=task.generalization,
         )
     return dict(
         command=args.command or " ".join(["python -m benchmarks.suite", *sys.argv[1:]]),
@@ -345,6 +429,7 @@ def _meta(args, tasks, names, chosen, started, seconds) -> dict[str, object]:
                 description=BY_NAME[n].description,
                 family=BY_NAME[n].family,
                 lr_grid=list(BY_NAME[n].lr_grid),
+                twin_of=BY_NAME[n].twin_of,
             )
             for n in names
         },

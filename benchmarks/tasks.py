@@ -41,6 +41,7 @@ class Task:
     model: Callable[[int], nn.Module]  # vocabulary/classes → model
     load: Callable[[str, Budget], tuple[TensorDataset, TensorDataset, TensorDataset, int]]
     description: str
+    generalization: bool = False  # trained until it fits: also train metric and sharpness
 
     @property
     def higher_is_better(self) -> bool:
@@ -161,6 +162,23 @@ TASKS: dict[str, Task] = {
             load=_fashion_mnist,
             description="CNN conv 1→16→32 (3×3, max-pool), fc 288→64→10 (≈25k parameters); "
             "55k train / 5k validation (seeded split of the 60k) / official 10k test",
+        ),
+        Task(
+            name="fashion_mnist_small",
+            title="Fashion-MNIST 5k subset, trained to fit (generalization)",
+            metric="accuracy",
+            batch_size=128,
+            # 5k training images / 128 = 39 steps per epoch: 40 epochs.
+            budgets={
+                "full": Budget(steps=1560, sweep_steps=780, evals=8, subset=5000),
+                "quick": Budget(steps=120, sweep_steps=0, evals=2, subset=1000),
+                "tiny": Budget(steps=6, sweep_steps=4, evals=2),
+            },
+            model=lambda classes: ImageClassifier(classes, width=16, hidden=64).net,
+            load=_fashion_mnist,
+            description="the Fashion-MNIST CNN on a seeded 5k-image training subset, 40 epochs "
+            "(train accuracy near 100 %); same 5k validation / official 10k test",
+            generalization=True,
         ),
         Task(
             name="shakespeare",
