@@ -33,7 +33,7 @@ demo: data
 # one seed, no sweep) writes runs/bench-quick/.
 bench: install
 	$(PY) -m examples.data.fetch all
-	$(PY) -m benchmarks.suite --profile full --out benchmarks/results --command "make bench"
+	$(PY) -m benchmarks.suite --profile full --out benchmarks/results --command "make bench" $(BENCH_FLAGS)
 
 bench-quick: install
 	$(PY) -m examples.data.fetch all

@@ -70,6 +70,7 @@ STABILITY = {
     "dampings": [0.01, 0.1, 1.0],
     "lrs": [0.03, 0.1, 0.3],
 }
+DEFAULT_DAMPING = 0.1  # KFAC's, RING's and RENG's default (asserted in tests)
 STEP_TIME_ROUNDS = {"full": 60, "quick": 20, "tiny": 3}
 GRID_STEP = 3.0  # a grid grows by one ×3 step beyond the edge its best point sits on
 MAX_EXTENSIONS = 3
@@ -209,7 +210,9 @@ def run_suite(args: argparse.Namespace) -> Path:
         for lr in BY_NAME[name].lr_grid
     ]
     stability = _stability_jobs(args.profile, tasks, names, STABILITY["dampings"])
-    collect(first + stability)
+    collect(first + [j for j in stability if j.damping != DEFAULT_DAMPING])
+    # The default-damping column of the stability grid is the sweep's runs at those rates.
+    rows += _default_damping_cells(rows, stability)
 
     # Grids tuned to the interior: a best point on an edge gets one more ×3 step beyond it,
     # up to MAX_EXTENSIONS times; damping in the stability grid follows the same rule.
@@ -328,6 +331,19 @@ def _stability_jobs(
         for damping in dampings
         for lr in STABILITY["lrs"]
     ]
+
+
+def _default_damping_cells(rows: list[dict], stability: list[harness.Job]) -> list[dict]:
+    """Stability cells at the optimizers' default damping: the same computation as the sweep
+    run at that rate (the damping keyword passed explicitly changes nothing), so the sweep's
+    rows are reused, relabelled."""
+    sweep = {(r["task"], r["optimizer"], r["lr"]): r for r in rows if r["phase"] == "sweep"}
+    cells = []
+    for job in stability:
+        row = sweep.get((job.task, job.optimizer, job.lr))
+        if job.damping == DEFAULT_DAMPING and row is not None:
+            cells.append(dict(row, phase="stability", damping=DEFAULT_DAMPING))
+    return cells
 
 
 def _damping_extension(
