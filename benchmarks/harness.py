@@ -12,10 +12,12 @@ import math
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.optimizers import BY_NAME, Optimizer
@@ -175,20 +177,24 @@ def train(job: Job) -> tuple[dict[str, object], list[dict[str, object]]]:
         row["test_loss"] = test
     if task.generalization and job.phase == "final" and not diverged:
         row["train_metric"] = task.evaluate(model, train_set)
-        row["sharpness"] = top_hessian_eigenvalue(model, task, train_set)
+        row["sharpness"] = top_hessian_eigenvalue(model, task.loss, train_set)
     points = [dict(task=job.task, optimizer=job.optimizer, seed=job.seed, **p) for p in curve]
     return row, points if job.phase == "final" else []
 
 
 def top_hessian_eigenvalue(
-    model: torch.nn.Module, task: Task, data: TensorDataset, samples: int = 1024, iters: int = 20
+    model: torch.nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: TensorDataset,
+    samples: int = 1024,
+    iters: int = 20,
 ) -> float:
     """Sharpness: the largest eigenvalue of the Hessian of the mean training loss on the first
     ``samples`` training examples, by power iteration on exact Hessian-vector products (double
     backprop). Seeded start, so the same weights give the same number."""
     params = [p for p in model.parameters() if p.requires_grad]
     x, y = (t[:samples] for t in data.tensors)
-    loss = task.loss(model(x), y)
+    loss = loss_fn(model(x), y)
     grads = torch.autograd.grad(loss, params, create_graph=True)
     gen = torch.Generator().manual_seed(0)
     v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]

@@ -177,12 +177,12 @@ tunes both: at Muon's usual 0.03 the AdamW part gets 0.01, AdamW's own best regi
 
 
 def _muon_hidden(model: nn.Module) -> set[int]:
-    """Ids of the hidden weight matrices: ≥2-D weights of every layer but embeddings and the
-    output layer (the last ``nn.Linear``), as Muon's authors recommend."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    skip |= {id(p) for p in linears[-1].parameters()} if linears else set()
-    return {id(p) for p in model.parameters() if p.ndim >= 2 and id(p) not in skip}
+    """Ids of the hidden weight matrices: the weights of every ``Linear`` and convolution but
+    the output layer (the last ``Linear``). Embeddings, positional tables, biases and norms go
+    to AdamW, as Muon's authors recommend."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)]
+    head = [m for m in layers if isinstance(m, nn.Linear)][-1:]
+    return {id(m.weight) for m in layers if m not in head}
 
 
 def _muon(model: nn.Module, lr: float) -> torch.optim.Optimizer:

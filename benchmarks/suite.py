@@ -235,10 +235,7 @@ def run_suite(args: argparse.Namespace) -> Path:
     sweep_rows = [r for r in rows if r["phase"] == "sweep"]
     placed = {task: {n: _chosen(sweep_rows, task, n) for n in swept[task]} for task in tasks}
     chosen = {
-        task: {
-            n: placed[task][BY_NAME[n].twin_of or n][0] for n in on[task]
-        }
-        for task in tasks
+        task: {n: placed[task][BY_NAME[n].twin_of or n][0] for n in on[task]} for task in tasks
     }
     edges = {
         task: {n: EDGE_NAMES[side] for n, (_, side) in placed[task].items() if side}
