@@ -442,7 +442,7 @@ def winners_table(res: Results) -> list[str]:
         cells.append(f"**{overall}**" if overall else DASH)
         rows.append(cells)
     header = ["task (test metric: accuracy %, or loss in nats)", "best baseline", "best GRNG"]
-    return md_table(header + ["winner"], rows)
+    return md_table([*header, "winner"], rows)
 
 
 def ablation_section(res: Results) -> list[str]:
@@ -519,7 +519,7 @@ def generalization_section(res: Results) -> list[str]:
                 ]
             )
         header = ["optimizer", f"test {metric}", f"train {metric}", "gap", "sharpness λ_max"]
-        lines += md_table(header + ["test loss", "mean ‖g‖"], rows)
+        lines += md_table([*header, "test loss", "mean ‖g‖"], rows)
     return lines
 
 
@@ -555,7 +555,7 @@ def sweep_section(res: Results) -> list[str]:
             width = max(width, len(cells) - 1)
         rows = [row[:-1] + [DASH] * (width + 1 - len(row[:-1])) + row[-1:] for row in rows]
         header = ["optimizer"] + [f"grid point {i + 1}" for i in range(width)]
-        lines += md_table(header + ["chosen on an edge"], rows)
+        lines += md_table([*header, "chosen on an edge"], rows)
     return lines
 
 

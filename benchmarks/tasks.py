@@ -155,7 +155,7 @@ TASKS: dict[str, Task] = {
             # 55k training images / 128 = 429 steps per epoch.
             budgets={
                 "full": Budget(steps=858, sweep_steps=429, evals=8),
-                "quick": Budget(steps=156, sweep_steps=0, evals=4, subset=10000),
+                "quick": Budget(steps=60, sweep_steps=0, evals=2, subset=5000),
                 "tiny": Budget(steps=6, sweep_steps=4, evals=2),
             },
             model=lambda classes: ImageClassifier(classes, width=16, hidden=64).net,
@@ -171,7 +171,7 @@ TASKS: dict[str, Task] = {
             # 5k training images / 128 = 39 steps per epoch: 30 epochs (the sweep: 10).
             budgets={
                 "full": Budget(steps=1170, sweep_steps=390, evals=6, subset=5000),
-                "quick": Budget(steps=120, sweep_steps=0, evals=2, subset=1000),
+                "quick": Budget(steps=80, sweep_steps=0, evals=2, subset=1000),
                 "tiny": Budget(steps=6, sweep_steps=4, evals=2),
             },
             model=lambda classes: ImageClassifier(classes, width=16, hidden=64).net,
@@ -187,7 +187,7 @@ TASKS: dict[str, Task] = {
             batch_size=32,
             budgets={
                 "full": Budget(steps=600, sweep_steps=300, evals=6),
-                "quick": Budget(steps=150, sweep_steps=0, evals=3),
+                "quick": Budget(steps=50, sweep_steps=0, evals=2),
                 "tiny": Budget(steps=6, sweep_steps=4, evals=2),
             },
             model=lambda vocab: CharTransformer(vocab, seq_len=64, dim=64, depth=2, heads=4),
@@ -203,7 +203,7 @@ TASKS: dict[str, Task] = {
             # 22.5k training reviews / 64 = 351 steps per epoch.
             budgets={
                 "full": Budget(steps=1053, sweep_steps=351, evals=6),
-                "quick": Budget(steps=156, sweep_steps=0, evals=3, subset=10000),
+                "quick": Budget(steps=60, sweep_steps=0, evals=2, subset=5000),
                 "tiny": Budget(steps=6, sweep_steps=4, evals=2),
             },
             model=lambda vocab: BagOfEmbeddings(vocab),
