@@ -187,8 +187,9 @@ class GRNGDDPStrategy(RegularizedBackwardMixin, DDPStrategy):
             return
         rho_of = reng._rho_of()
         params = [p for p in reng.flat_params() if p.requires_grad]
-        # The plain loss's local backward: it feeds the curvature statistics (gate open).
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        # The plain loss's local backward: its output gradients are the curvature statistics.
+        with reng._gate.statistics_pass():
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         local = [
             torch.zeros_like(p) if g is None else g.detach()
             for p, g in zip(params, grads, strict=True)
