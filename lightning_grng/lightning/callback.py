@@ -11,6 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_grng.attach import CurvatureHandle, attach
+from lightning_grng.lightning.checkpoint_io import NamedErrorsCheckpointIO
 from lightning_grng.lightning.strategy import (
     RegularizedBackwardMixin,
     double_backprop_optimizer,
@@ -29,6 +30,12 @@ class GRNGCallback(Callback):
     ``lightning.pytorch.callbacks_factory`` entry point, so it need not be added by hand; adding
     it as well is harmless (only the first instance acts). It keeps no checkpoint state: the
     curvature state lives in the optimizers' ``state_dict``.
+
+    The hooks are attached at fit start, or at train start when a loop runs before it (the
+    learning-rate finder). Under automatic optimization the callback tells the optimizers
+    ``accumulate_grad_batches``, so the last, partial accumulation window of an epoch gets the
+    G of the batches it saw. A checkpoint that cannot be read is named in one sentence (the
+    strategy's ``CheckpointIO`` is wrapped from ``setup`` to ``teardown``).
 
     When a double-backprop RENG trains under a strategy that does not drive it (anything but
     :class:`GRNGStrategy` / ``GRNGDDPStrategy``), the callback forms the regularization term in
@@ -56,14 +63,34 @@ class GRNGCallback(Callback):
         ]
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        if not isinstance(io, NamedErrorsCheckpointIO):
+            trainer.strategy.checkpoint_io = NamedErrorsCheckpointIO(io)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._attach_all(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The learning-rate finder runs the fit loop from another callback's on_fit_start.
+        self._attach_all(trainer, pl_module)
+
+    def _attach_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         first = next(cb for cb in trainer.callbacks if isinstance(cb, GRNGCallback))  # type: ignore[attr-defined]
         self._active = first is self
         if not self._active:
             return
         # fp16 AMP: the precision plugin's GradScaler scales the loss the hooks see.
         scaler = getattr(trainer.precision_plugin, "scaler", None)
+        # Lightning divides each micro-batch's loss by accumulate_grad_batches (automatic
+        # optimization only), also in an epoch's last, partial window.
+        micro_batches = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         for optimizer in self.grng_optimizers(trainer):
+            optimizer._gate.micro_batches = micro_batches
+            if any(h.optimizer is optimizer for h in self._handles):
+                continue
             self._handles.append(attach(pl_module, optimizer, grad_scaler=scaler))
 
     @override
@@ -116,9 +143,13 @@ class GRNGCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._handles:
+            handle.optimizer._gate.micro_batches = 1
             handle.remove()
         self._handles.clear()
         self._logged_step.clear()
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, NamedErrorsCheckpointIO):
+            trainer.strategy.checkpoint_io = io.inner
 
 
 def callbacks_factory() -> list[Callback]:
