@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
@@ -20,6 +21,9 @@ from lightning_grng.lightning.strategy import (
 from lightning_grng.optim.base import GRNGOptimizer
 from lightning_grng.optim.reng import gradient_penalty
 
+#: Callbacks that run training steps from their own ``on_fit_start``.
+_TUNERS = (LearningRateFinder, BatchSizeFinder)
+
 
 class GRNGCallback(Callback):
     """Registers the Fisher/Kalman hooks at fit start and removes them at teardown.
@@ -31,8 +35,10 @@ class GRNGCallback(Callback):
     it as well is harmless (only the first instance acts). It keeps no checkpoint state: the
     curvature state lives in the optimizers' ``state_dict``.
 
-    The hooks are attached at fit start, or at train start when a loop runs before it (the
-    learning-rate finder). Under automatic optimization the callback tells the optimizers
+    The hooks are attached at fit start. The tuner callbacks (``LearningRateFinder``, also
+    behind ``Tuner.lr_find``, and ``BatchSizeFinder``) run training steps from their own
+    ``on_fit_start`` with only their own callback in place, so at ``setup`` the callback moves
+    itself ahead of them. Under automatic optimization the callback tells the optimizers
     ``accumulate_grad_batches``, so the last, partial accumulation window of an epoch gets the
     G of the batches it saw. A checkpoint that cannot be read is named in one sentence (the
     strategy's ``CheckpointIO`` is wrapped from ``setup`` to ``teardown``).
@@ -68,16 +74,21 @@ class GRNGCallback(Callback):
         if not isinstance(io, NamedErrorsCheckpointIO):
             trainer.strategy.checkpoint_io = NamedErrorsCheckpointIO(io)
 
+        self._run_before_tuners(trainer)
+
+    @staticmethod
+    def _run_before_tuners(trainer: pl.Trainer) -> None:
+        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+        tuners = [i for i, cb in enumerate(callbacks) if isinstance(cb, _TUNERS)]
+        ours = [i for i, cb in enumerate(callbacks) if isinstance(cb, GRNGCallback)]
+        if not tuners or ours[0] < tuners[0]:
+            return
+        rest = [cb for cb in callbacks if not isinstance(cb, GRNGCallback)]
+        mine = [callbacks[i] for i in ours]
+        trainer.callbacks = rest[: tuners[0]] + mine + rest[tuners[0] :]  # type: ignore[attr-defined]
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._attach_all(trainer, pl_module)
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The learning-rate finder runs the fit loop from another callback's on_fit_start.
-        self._attach_all(trainer, pl_module)
-
-    def _attach_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         first = next(cb for cb in trainer.callbacks if isinstance(cb, GRNGCallback))  # type: ignore[attr-defined]
         self._active = first is self
         if not self._active:
@@ -87,11 +98,26 @@ class GRNGCallback(Callback):
         # Lightning divides each micro-batch's loss by accumulate_grad_batches (automatic
         # optimization only), also in an epoch's last, partial window.
         micro_batches = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        self._check_tuners_can_regularize(trainer)
         for optimizer in self.grng_optimizers(trainer):
             optimizer._gate.micro_batches = micro_batches
             if any(h.optimizer is optimizer for h in self._handles):
                 continue
             self._handles.append(attach(pl_module, optimizer, grad_scaler=scaler))
+
+    def _check_tuners_can_regularize(self, trainer: pl.Trainer) -> None:
+        """A tuner's steps run without callbacks, so this callback cannot add RENG's
+        regularization term there; only a strategy that drives it can."""
+        if isinstance(trainer.strategy, RegularizedBackwardMixin):
+            return
+        tuners = [cb for cb in trainer.callbacks if isinstance(cb, _TUNERS)]  # type: ignore[attr-defined]
+        if tuners and double_backprop_optimizer(None, self.grng_optimizers(trainer)) is not None:
+            raise MisconfigurationException(
+                f"{type(tuners[0]).__name__} runs its training steps without callbacks, so "
+                "GRNGCallback cannot add RENG's gradient-regularization term there: use "
+                "Trainer(strategy=lightning_grng.GRNGStrategy()) (or GRNGDDPStrategy), or "
+                "RENG(gr_mode='finite_difference')."
+            )
 
     @override
     def on_before_backward(
