@@ -49,8 +49,8 @@ class GRNGCallback(Callback):
 
     Args:
         log_diagnostics: log ``grng/loss`` (the training-step loss), ``grng/grad_norm``,
-            ``grng/damping``, ``grng/kl_scale`` and ``grng/skipped_steps`` through the
-            Trainer's loggers after each optimizer step.
+            ``grng/damping``, ``grng/kl_scale``, ``grng/skipped_steps`` and
+            ``grng/rejected_statistics`` through the Trainer's loggers after each optimizer step.
     """
 
     def __init__(self, log_diagnostics: bool = True) -> None:
@@ -73,7 +73,6 @@ class GRNGCallback(Callback):
         io = trainer.strategy.checkpoint_io
         if not isinstance(io, NamedErrorsCheckpointIO):
             trainer.strategy.checkpoint_io = NamedErrorsCheckpointIO(io)
-
         self._run_before_tuners(trainer)
 
     @staticmethod
