@@ -6,9 +6,11 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from lightning_grng.curvature.block import KroneckerBlock
+from lightning_grng.curvature.capture import BoundHook
 from lightning_grng.curvature.conv import Conv2dBlock
 from lightning_grng.curvature.linear import LinearBlock
 from lightning_grng.optim.base import FALLBACK_UPDATE, GRNGOptimizer
@@ -22,6 +24,9 @@ _BLOCK_TYPES: tuple[tuple[type[nn.Module], type[KroneckerBlock]], ...] = (
 class CurvatureHandle:
     """What :func:`attach` returns; :meth:`remove` takes the hooks off again.
 
+    Attaching the same optimizer to the same model twice gives two handles of one attachment:
+    the hooks stay until both are removed, so neither handle detaches the other.
+
     Attributes:
         optimizer: the optimizer the hooks feed.
         blocks: module name -> Kronecker block.
@@ -34,10 +39,17 @@ class CurvatureHandle:
         self.optimizer = optimizer
         self.blocks = {block.name: block for block in blocks.values()}
         self.unsupported = unsupported
+        optimizer._live_handles.append(self)
+
+    @property
+    def attached(self) -> bool:
+        """Whether this handle still holds the hooks (not removed, optimizer not detached)."""
+        return self in self.optimizer._live_handles
 
     def remove(self) -> None:
-        """Removes the hooks; the optimizer keeps its curvature state (re-attaching resumes)."""
-        self.optimizer._detach()
+        """Releases this handle; the hooks go with the last handle of the attachment. The
+        optimizer keeps its curvature state (re-attaching resumes)."""
+        self.optimizer._release(self)
 
 
 def _block_for(module: nn.Module, name: str, with_bias: bool) -> KroneckerBlock | None:
@@ -45,6 +57,48 @@ def _block_for(module: nn.Module, name: str, with_bias: bool) -> KroneckerBlock 
         if isinstance(module, module_type):
             return block_type(module, name, with_bias=with_bias)  # type: ignore[call-arg]
     return None
+
+
+def _refuse_lazy(model: nn.Module, optimizer: GRNGOptimizer) -> None:
+    """A lazy layer has no shape until its first forward, so no block can be built for it."""
+    params = set(optimizer.flat_params())
+    for name, module in model.named_modules():
+        if any(is_lazy(p) and p in params for p in module.parameters(recurse=False)):
+            raise RuntimeError(
+                f"{type(optimizer).__name__}: module '{name}' ({type(module).__name__}) is not "
+                "initialized yet: run one forward pass (e.g. model(example_batch)) before "
+                "attach(), so its weight has a shape."
+            )
+
+
+def _refuse_overlap(model: nn.Module, optimizer: GRNGOptimizer) -> None:
+    """Two GRNG optimizers attached to one model must not share a parameter."""
+    mine = set(optimizer.flat_params())
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for hook in hooks.values():
+                other = getattr(hook, "owner", None) if isinstance(hook, BoundHook) else None
+                if other is None or other is optimizer or not other.attached:
+                    continue
+                shared = [p for p in other.flat_params() if p in mine]
+                if shared:
+                    names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
+                    raise ValueError(
+                        f"{type(optimizer).__name__} and the attached {type(other).__name__} "
+                        f"both optimize {names.get(shared[0], 'a parameter')!r} "
+                        f"({len(shared)} shared parameter(s)): each parameter may belong to "
+                        "one GRNG optimizer only; split the parameters between them."
+                    )
+
+
+def _shared_parameters(model: nn.Module, index: dict[Tensor, int]) -> dict[Tensor, list[str]]:
+    """Optimized parameters registered under more than one name (weight tying)."""
+    owners: dict[Tensor, list[str]] = {}
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p in index:
+                owners.setdefault(p, []).append(f"{name}.{pname}" if name else pname)
+    return {p: names for p, names in owners.items() if len(names) > 1}
 
 
 def attach(
@@ -57,7 +111,14 @@ def attach(
 
     Every ``nn.Linear`` / ``nn.Conv2d`` whose weight the optimizer trains gets a Kronecker block.
     Other trainable modules (norm layers, embeddings, bare parameters) are named in one warning
-    and get the fallback update. Attaching the same model twice returns the existing handle.
+    and get the fallback update, and so does a layer whose weight is tied to another module's
+    (one block cannot precondition a gradient summed over two uses; a warning names both).
+    Attaching the same model twice returns another handle of the same attachment.
+
+    Raises:
+        RuntimeError: a lazy layer (``nn.LazyLinear``) has not run its first forward yet, or
+            the optimizer is attached to another model.
+        ValueError: another GRNG optimizer attached to this model shares a parameter.
 
     Args:
         model: the model whose forward/backward passes feed the curvature.
@@ -81,28 +142,53 @@ def attach(
             f"{type(optimizer).__name__} is already attached to another model; call "
             "handle.remove() on the first handle before attaching again."
         )
+    _refuse_lazy(model, optimizer)
+    _refuse_overlap(model, optimizer)
     skip = set(skip_modules)
     index = {p: i for i, p in enumerate(optimizer.flat_params())}
+    shared = _shared_parameters(model, index)
     blocks: dict[str, KroneckerBlock] = {}
     covered: set[nn.Parameter] = set()
+    frozen: dict[Tensor, str] = {}
+    tied: list[str] = []
+    tied_modules: set[str] = set()
     for name, module in model.named_modules():
         if name in skip or type(module).__name__ in skip:
             continue
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter) or weight not in index or not weight.requires_grad:
+        if not isinstance(weight, nn.Parameter) or weight not in index:
+            continue
+        if not weight.requires_grad:
+            if _block_for(module, name, False) is not None:
+                frozen[weight] = name
             continue
         bias = getattr(module, "bias", None)
         with_bias = isinstance(bias, nn.Parameter) and bias in index and bias.requires_grad
         block = _block_for(module, name, with_bias)
-        if block is not None:
-            blocks[str(index[weight])] = block
-            covered.update(block.params())
+        if block is None:
+            continue
+        tied_here = [p for p in block.params() if p in shared]
+        if tied_here:
+            tied += [" and ".join(f"'{n}'" for n in shared[p]) for p in tied_here]
+            tied_modules.add(name)
+            continue
+        blocks[str(index[weight])] = block
+        covered.update(block.params())
 
+    if tied:
+        warnings.warn(
+            f"{type(optimizer).__name__}: tied weights: {'; '.join(tied)} are one parameter; "
+            "its gradient sums both uses, which one Kronecker block cannot precondition, so it "
+            f"(and its layer) gets the fallback update ({FALLBACK_UPDATE}).",
+            UserWarning,
+            stacklevel=2,
+        )
     unsupported = [
         f"'{name or '<root>'}' ({type(module).__name__})"
         for name, module in model.named_modules()
-        if any(
-            p in index and p.requires_grad and p not in covered
+        if name not in tied_modules
+        and any(
+            p in index and p.requires_grad and p not in covered and p not in shared
             for p in module.parameters(recurse=False)
         )
     ]
@@ -120,6 +206,6 @@ def attach(
             UserWarning,
             stacklevel=2,
         )
+    optimizer._attach(model, blocks, frozen)
     optimizer._gate.grad_scaler = grad_scaler
-    optimizer._attach(model, blocks)
     return CurvatureHandle(optimizer, blocks, unsupported)

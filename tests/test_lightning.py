@@ -8,8 +8,10 @@ import logging
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateFinder, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.tuner import Tuner
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -201,6 +203,7 @@ def test_diagnostics_are_logged(tmp_path):
     trainer.fit(model, _loader(16))
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
     keys = ("grng/loss", "grng/grad_norm", "grng/damping", "grng/kl_scale", "grng/skipped_steps")
+    keys += ("grng/rejected_statistics",)
     for key in keys:
         assert key in header[0]
 
@@ -282,6 +285,88 @@ def test_fp16_grad_scaler_of_the_precision_plugin_reaches_the_hooks():
     trainer.fit(model, RandomImagesDataModule(num_samples=96, batch_size=32))
     assert seen and all(s is scaler for s in seen)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_partial_accumulation_window_has_the_g_of_the_batches_it_saw():
+    """6 batches with accumulate_grad_batches=4: the last window has 2 micro-batches, whose
+    losses Lightning still divides by 4; its G equals the un-accumulated reference's."""
+
+    def make(p):  # lr=0 keeps the weights, ema_decay=0 keeps only the last window's factors
+        return lg.KFAC(p, lr=0.0, ema_decay=0.0, curvature_every=1, inverse_every=1)
+
+    model = Tiny(make)
+    trainer = _trainer(max_epochs=1, accumulate_grad_batches=4)
+    trainer.fit(model, DataLoader(TensorDataset(X[:24], Y[:24]), batch_size=4))
+    optimizer = trainer.optimizers[0]
+    assert optimizer.grng_step == 2
+    reference = _net()
+    ref_opt = make(reference.parameters())
+    lg.attach(reference, ref_opt)
+    nn.functional.cross_entropy(reference(X[16:24]), Y[16:24]).backward()
+    ref_opt.step()
+    for key in ref_opt.blocks:
+        got, want = optimizer.factors(key), ref_opt.factors(key)
+        torch.testing.assert_close(got.G, want.G, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.A, want.A, rtol=1e-12, atol=0)
+
+
+class TunableTiny(Tiny):
+    """Tiny with the ``lr`` attribute the learning-rate finder reads and sets."""
+
+    def __init__(self, cls):
+        super().__init__(None)
+        self.cls, self.lr = cls, 0.01
+
+    def configure_optimizers(self):
+        return self.cls(self.net.parameters(), lr=self.lr, curvature_every=1)
+
+
+GRNG_CLASSES = [lg.KFAC, lg.RING, lg.RENG, lg.RKalman]
+
+
+def _tuner_strategy(cls):
+    # RENG's double backprop inside a tuner needs a strategy that drives it (see below).
+    return lg.GRNGStrategy() if cls is lg.RENG else "auto"
+
+
+@pytest.mark.parametrize("cls", GRNG_CLASSES, ids=lambda c: c.__name__)
+def test_lr_finder_of_the_tuner_works(cls):
+    model = TunableTiny(cls)
+    trainer = _trainer(max_steps=3, strategy=_tuner_strategy(cls))
+    finder = Tuner(trainer).lr_find(
+        model, train_dataloaders=_loader(8), min_lr=1e-4, max_lr=1.0, num_training=6
+    )
+    assert len(finder.results["lr"]) == 6
+    assert all(torch.isfinite(torch.tensor(v)) for v in finder.results["loss"])
+
+
+@pytest.mark.parametrize("cls", GRNG_CLASSES, ids=lambda c: c.__name__)
+def test_lr_finder_callback_works_and_training_follows(cls):
+    model = TunableTiny(cls)
+    finder = LearningRateFinder(min_lr=1e-4, max_lr=1.0, num_training_steps=6)
+    trainer = _trainer(max_steps=4, callbacks=[finder], strategy=_tuner_strategy(cls))
+    trainer.fit(model, _loader(8))
+    optimizer = trainer.optimizers[0]
+    assert len(finder.optimal_lr.results["lr"]) == 6
+    assert optimizer.grng_step == 4 and not optimizer.attached  # detached at teardown
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lr_finder_with_reng_and_a_strategy_that_cannot_regularize_says_what_to_use():
+    model = TunableTiny(lg.RENG)
+    with pytest.raises(MisconfigurationException, match="runs its training steps without"):
+        Tuner(_trainer(max_steps=3)).lr_find(model, train_dataloaders=_loader(8), num_training=4)
+
+
+@pytest.mark.parametrize("content", ["truncated", "text", "empty"])
+def test_unreadable_checkpoint_is_named_with_the_default_strategy(content, tmp_path):
+    _resumable(ring, tmp_path / "ok", epochs=1)
+    good = (tmp_path / "ok" / "last.ckpt").read_bytes()
+    data = {"truncated": good[: len(good) // 2], "text": b"not a checkpoint\n", "empty": b""}
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(data[content])
+    with pytest.raises(RuntimeError, match=r"Cannot read the checkpoint .*bad\.ckpt: it is empty"):
+        _trainer(max_epochs=2).fit(Tiny(ring), _loader(16), ckpt_path=bad)
 
 
 ImageClassifier.configure_optimizers = lambda self: lg.RING(  # type: ignore[method-assign]

@@ -1,25 +1,38 @@
 """Hooks that turn the training forward/backward into Kronecker factor statistics.
 
-Capture follows three rules:
+**Statistics accumulate exactly like gradients.** A pass counts only when its gradients reach
+the ``.grad`` of the optimizer's parameters between ``zero_grad()`` and ``step()``:
 
-* **Gated.** Statistics are taken only while the owning optimizer wants them (a curvature step),
-  the module is in training mode and autograd is recording. The optimizer closes the gate
+* **Pending until the backward arrives.** A forward call of a block keeps its input aside
+  (:class:`_Pass`); nothing is added to the statistics until a backward through that call
+  accumulates into the block's weight ``.grad`` (a post-accumulate-grad hook commits it). A
+  forward whose backward never comes (a metric computed with grad enabled), or a backward that
+  leaves ``.grad`` alone (``autograd.grad(g_loss, generator_params)``), adds nothing.
+* **Cleared with the gradients.** ``optimizer.zero_grad()`` drops the statistics of the window,
+  and so does any ``zero_grad(set_to_none=True)`` of the model: a commit into a ``.grad`` that
+  was ``None`` starts a new window.
+* **Gated.** Forwards are recorded only while the owning optimizer wants statistics (a curvature
+  step), the module is in training mode and autograd is recording. The optimizer closes the gate
   (:meth:`CaptureGate.paused`) around its own extra passes (RENG's double backward or its
-  finite-difference re-evaluation), so they never leak into G.
-* **First backward wins.** Each forward call installs a tensor hook on its output that records the
-  output gradient of the *first* backward pass through it only; a second, double-backward pass
-  through the same graph is ignored even if the gate is open.
+  finite-difference re-evaluation), so they never feed G.
+* **One backward per forward.** A forward call is committed once; a second, double-backward
+  pass through the same graph is ignored. Its G comes from the backward that commits it, or
+  from an earlier pass the optimizer designated (:meth:`CaptureGate.statistics_pass`: RENG's
+  out-of-place inner gradient, the Monte-Carlo Fisher's sampled-label pass).
 * **Averaged at the step boundary.** Several forwards/backwards before one optimizer step
   (gradient accumulation) add up; :meth:`FactorAccumulator.averaged` turns the sums into the
   batch factors (see ``docs/algorithms.md`` for the scale convention).
 
 The output hook is a tensor hook rather than a module backward hook: it is safe with in-place
-activations and is not confused by ``create_graph=True``.
+activations and is not confused by ``create_graph=True``. The hooks are bound to the modules and
+parameters they were registered on: a ``copy.deepcopy`` (or pickle) of the model carries inert
+copies, so training an EMA or mean-teacher copy never feeds the original optimizer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from typing import Any
@@ -52,14 +65,19 @@ class CaptureGate:
         grad_scaler: an AMP ``GradScaler`` whose scale the backward's gradients carry; the
             captured output gradients are divided by it (its scale changes only at
             ``update()``, after the step, so the current scale is the one the backward used).
+        micro_batches: the number the training loop divides each micro-batch's loss by
+            (Lightning's ``accumulate_grad_batches``); a window that ends after fewer backward
+            passes (the last, partial one of an epoch) has its G rescaled to the batch it saw.
     """
 
     def __init__(self, fisher: FisherType = FisherType.EMPIRICAL) -> None:
         self.wanted = True
         self.fisher = fisher
         self.grad_scaler: Any = None
+        self.micro_batches = 1
         self._paused = 0
         self._in_mc_pass = False
+        self._in_statistics_pass = 0
 
     def unscale(self, grad: Tensor) -> Tensor:
         scaler = self.grad_scaler
@@ -72,10 +90,19 @@ class CaptureGate:
         return self.wanted and self._paused == 0 and torch.is_grad_enabled()
 
     @property
+    def paused_now(self) -> bool:
+        return self._paused > 0
+
+    @property
     def backward_open(self) -> bool:
         if not self.wanted or self._paused:
             return False
         return self._in_mc_pass if self.fisher is FisherType.MC else not self._in_mc_pass
+
+    @property
+    def designated(self) -> bool:
+        """The current backward feeds G although it leaves ``.grad`` alone."""
+        return self._in_mc_pass or self._in_statistics_pass > 0
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -95,6 +122,16 @@ class CaptureGate:
         finally:
             self._in_mc_pass = False
 
+    @contextmanager
+    def statistics_pass(self) -> Iterator[None]:
+        """Marks an out-of-place backward of the training loss (RENG's inner gradient) whose
+        output gradients are the statistics of the ordinary backward that follows it."""
+        self._in_statistics_pass += 1
+        try:
+            yield
+        finally:
+            self._in_statistics_pass -= 1
+
 
 class FactorAccumulator:
     """Sums ``ā āᵀ`` and ``δ δᵀ`` over the passes of one optimizer step."""
@@ -107,6 +144,8 @@ class FactorAccumulator:
         self.a_rows = 0
         self.g_sum: Tensor | None = None
         self.g_samples = 0
+        #: Backward passes committed since the last reset (micro-batches of the window).
+        self.passes = 0
 
     @property
     def complete(self) -> bool:
@@ -127,6 +166,11 @@ class FactorAccumulator:
         self.g_sum = gram if self.g_sum is None else self.g_sum + gram
         self.g_samples += batch_size
 
+    def scale_output_grads(self, factor: float) -> None:
+        """Multiplies the ``δ δᵀ`` sum by ``factor`` (the output gradients by its root)."""
+        if self.g_sum is not None:
+            self.g_sum = self.g_sum * factor
+
     def averaged(self, reduction: LossReduction) -> tuple[Tensor, Tensor]:
         """Batch factors ``(A, G)``.
 
@@ -141,14 +185,69 @@ class FactorAccumulator:
         return A, G
 
 
+class BoundHook:
+    """A hook that belongs to one registration; its copies are inert.
+
+    ``copy.deepcopy`` of a module copies its hook dictionaries; a plain closure would be shared
+    by the copy and keep feeding the original optimizer. Copies (deepcopy, pickle) of a
+    BoundHook do nothing and hold no reference to the optimizer.
+
+    Attributes:
+        owner: the optimizer the hook feeds (None for an inert copy).
+    """
+
+    def __init__(self, fn: Callable[..., Any] | None, owner: Any = None) -> None:
+        self.fn = fn
+        self.owner = owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return None if self.fn is None else self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BoundHook:
+        return BoundHook(None)
+
+    def __reduce__(self) -> tuple[type[BoundHook], tuple[None]]:
+        return (BoundHook, (None,))
+
+
+class _Pass:
+    """One forward call of one block, waiting for the backward that commits it."""
+
+    __slots__ = ("batch", "committed", "g", "g_designated", "g_task", "seq", "x")
+
+    def __init__(self, x: Tensor, batch: int, seq: int) -> None:
+        self.x: Tensor | None = x
+        self.batch = batch
+        self.seq = seq
+        self.g: Tensor | None = None
+        self.g_task = -1
+        self.g_designated = False
+        self.committed = False
+
+
+class _Staged:
+    """What one backward pass (autograd graph task) has seen so far."""
+
+    def __init__(self) -> None:
+        self.passes: dict[str, list[_Pass]] = {}
+        self.fresh: set[str] = set()  # blocks whose weight had no .grad: a new window
+
+
+def _graph_task() -> int:
+    """Id of the running backward (autograd graph task); nested backwards have their own."""
+    return int(torch._C._current_graph_task_id())
+
+
 class CurvatureCapture:
-    """Forward and output-gradient hooks on the blocks of one optimizer.
+    """Forward, output-gradient and gradient-accumulation hooks on the blocks of one optimizer.
 
     Args:
         blocks: the blocks to observe, keyed by the optimizer's block key.
-        accumulators: one statistics sink per block (same keys); anything with ``add_input`` and
-            ``add_output_grad`` methods.
+        accumulators: one statistics sink per block (same keys); anything with ``reset``,
+            ``add_input``, ``add_output_grad`` and a ``passes`` counter.
         gate: the gate shared with the optimizer.
+        owner: the optimizer (named by the hooks, so a second optimizer over the same
+            parameters can be refused).
     """
 
     def __init__(
@@ -156,19 +255,29 @@ class CurvatureCapture:
         blocks: dict[str, KroneckerBlock],
         accumulators: dict[str, Any],
         gate: CaptureGate,
+        owner: Any = None,
     ) -> None:
         self.blocks = blocks
         self.accumulators = accumulators
         self.gate = gate
+        self.owner = owner
         self.fired_forward: set[str] = set()
         self.fired_backward: set[str] = set()
+        #: Blocks called in eval mode with autograd recording since the last reset.
+        self.eval_forward: set[str] = set()
         self._handles: list[RemovableHandle] = []
+        self._staged: dict[int, _Staged] = {}
+        self._seq = itertools.count()
 
-    def register(self) -> None:
+    def register(self, model: nn.Module | None = None) -> None:
+        """Registers the hooks; ``model`` gets an inert marker naming the owner."""
+        if model is not None:
+            self._handles.append(model.register_forward_pre_hook(BoundHook(None, self.owner)))
         for key, block in self.blocks.items():
-            self._handles.append(
-                block.module.register_forward_hook(self._forward_hook(key), with_kwargs=True)
-            )
+            forward = BoundHook(self._forward_hook(key), self.owner)
+            self._handles.append(block.module.register_forward_hook(forward, with_kwargs=True))
+            commit = BoundHook(self._commit_hook(key), self.owner)
+            self._handles.append(block.weight.register_post_accumulate_grad_hook(commit))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -180,40 +289,103 @@ class CurvatureCapture:
         return bool(self._handles)
 
     def reset(self) -> None:
-        """Drops the statistics gathered since the last step."""
+        """Drops the statistics gathered since the last step (or ``zero_grad``)."""
         for acc in self.accumulators.values():
             acc.reset()
         self.fired_forward.clear()
         self.fired_backward.clear()
+        self.eval_forward.clear()
 
-    def _forward_hook(self, key: str):
+    # ------------------------------------------------------------------ forward: pending
+    def _forward_hook(self, key: str) -> Callable[..., None]:
         block = self.blocks[key]
-        acc = self.accumulators[key]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-            if not (self.gate.forward_open and module.training):
+            if module is not block.module or not self.gate.forward_open:
+                return
+            if not module.training:
+                self.eval_forward.add(key)
+                return
+            if not (isinstance(output, Tensor) and output.requires_grad):
                 return
             x = args[0] if args else kwargs["input"]
-            batch = block.batch_size(x)
-            acc.add_input(block.input_rows(x.detach()), batch)
-            self.fired_forward.add(key)
-            if isinstance(output, Tensor) and output.requires_grad:
-                output.register_hook(self._output_hook(key, batch))
+            # The input is saved by autograd for the weight gradient anyway: keeping it costs
+            # no memory while the graph lives, and the rows are formed only if a backward comes.
+            pending = _Pass(x.detach(), block.batch_size(x), next(self._seq))
+            output.register_hook(self._output_hook(key, pending))
 
         return hook
 
-    def _output_hook(self, key: str, batch: int):
+    # ------------------------------------------------------------------ backward: staged
+    def _output_hook(self, key: str, pending: _Pass) -> Callable[[Tensor], None]:
         block = self.blocks[key]
-        acc = self.accumulators[key]
-        seen = False
 
         def hook(grad: Tensor) -> None:
-            nonlocal seen
-            if seen or not self.gate.backward_open:
+            if pending.committed:
+                return  # a double backward through a graph already counted
+            task = _graph_task()
+            gate = self.gate
+            stale = pending.g_task != task and not pending.g_designated
+            if gate.backward_open and (pending.g is None or stale):
+                pending.g = block.output_grad_rows(gate.unscale(grad.detach()))
+                pending.g_task, pending.g_designated = task, gate.designated
+            staged = self._staged.get(task)
+            if staged is None:
+                staged = self._staged[task] = _Staged()
+                engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
+                engine.queue_callback(lambda: self._end_of_backward(task))
+            waiting = staged.passes.setdefault(key, [])
+            if pending not in waiting:
+                waiting.append(pending)
+            if block.weight.grad is None:
+                staged.fresh.add(key)
+
+        return hook
+
+    def _end_of_backward(self, task: int) -> None:
+        """Forgets what a backward staged but never committed (it left ``.grad`` alone)."""
+        staged = self._staged.pop(task, None)
+        if staged is None:
+            return
+        for waiting in staged.passes.values():
+            for pending in waiting:
+                if pending.g_task == task and not pending.g_designated:
+                    pending.g = None
+
+    # ------------------------------------------------------------------ .grad: committed
+    def _commit_hook(self, key: str) -> Callable[[Tensor], None]:
+        block = self.blocks[key]
+        acc = self.accumulators[key]
+
+        def hook(param: Tensor) -> None:
+            if param is not block.weight:
                 return
-            seen = True
-            rows = block.output_grad_rows(self.gate.unscale(grad.detach()))
-            acc.add_output_grad(rows, batch)
-            self.fired_backward.add(key)
+            staged = self._staged.get(_graph_task())
+            if staged is None:
+                return
+            waiting = staged.passes.pop(key, None)
+            if not waiting:
+                return
+            if key in staged.fresh:
+                # .grad was empty before this backward (zero_grad of the model or the
+                # optimizer): whatever was gathered before belongs to cleared gradients.
+                acc.reset()
+                self.fired_forward.discard(key)
+                self.fired_backward.discard(key)
+            waiting.sort(key=lambda p: p.seq)
+            # Inputs in forward order, output gradients in backward order: the order in which
+            # the forward and backward produce them.
+            for pending in waiting:
+                acc.add_input(block.input_rows(pending.x), pending.batch)  # type: ignore[arg-type]
+            with_g = [p for p in reversed(waiting) if p.g is not None]
+            for pending in with_g:
+                acc.add_output_grad(pending.g, pending.batch)
+            for pending in waiting:
+                pending.committed = True
+                pending.x = pending.g = None
+            self.fired_forward.add(key)
+            if with_g:
+                self.fired_backward.add(key)
+                acc.passes += 1
 
         return hook

@@ -229,6 +229,8 @@ class KalmanAccumulator:
         self.g_samples = 0
         self.n_out = 0
         self._draws = 0
+        #: Backward passes committed since the last reset (micro-batches of the window).
+        self.passes = 0
 
     @property
     def complete(self) -> bool:
@@ -279,6 +281,13 @@ class KalmanAccumulator:
         trace = rows.pow(2).sum((-2, -1))
         self.g_trace = trace if self.g_trace is None else self.g_trace + trace
         self.g_parts.append(self._compress(rows))
+
+    def scale_output_grads(self, factor: float) -> None:
+        """Multiplies the output-gradient statistic by ``factor`` (its vectors by the root)."""
+        if self.g_trace is not None:
+            self.g_trace = self.g_trace * factor
+        root = math.sqrt(factor)
+        self.g_parts = [part * root for part in self.g_parts]
 
     def _join(self, parts: list[Tensor]) -> Tensor:
         if len(parts) == 1:

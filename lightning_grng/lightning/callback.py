@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_grng.attach import CurvatureHandle, attach
+from lightning_grng.lightning.checkpoint_io import NamedErrorsCheckpointIO
 from lightning_grng.lightning.strategy import (
     RegularizedBackwardMixin,
     double_backprop_optimizer,
@@ -18,6 +20,9 @@ from lightning_grng.lightning.strategy import (
 )
 from lightning_grng.optim.base import GRNGOptimizer
 from lightning_grng.optim.reng import gradient_penalty
+
+#: Callbacks that run training steps from their own ``on_fit_start``.
+_TUNERS = (LearningRateFinder, BatchSizeFinder)
 
 
 class GRNGCallback(Callback):
@@ -30,14 +35,22 @@ class GRNGCallback(Callback):
     it as well is harmless (only the first instance acts). It keeps no checkpoint state: the
     curvature state lives in the optimizers' ``state_dict``.
 
+    The hooks are attached at fit start. The tuner callbacks (``LearningRateFinder``, also
+    behind ``Tuner.lr_find``, and ``BatchSizeFinder``) run training steps from their own
+    ``on_fit_start`` with only their own callback in place, so at ``setup`` the callback moves
+    itself ahead of them. Under automatic optimization the callback tells the optimizers
+    ``accumulate_grad_batches``, so the last, partial accumulation window of an epoch gets the
+    G of the batches it saw. A checkpoint that cannot be read is named in one sentence (the
+    strategy's ``CheckpointIO`` is wrapped from ``setup`` to ``teardown``).
+
     When a double-backprop RENG trains under a strategy that does not drive it (anything but
     :class:`GRNGStrategy` / ``GRNGDDPStrategy``), the callback forms the regularization term in
     ``on_before_backward`` with one extra local backward and says so once.
 
     Args:
         log_diagnostics: log ``grng/loss`` (the training-step loss), ``grng/grad_norm``,
-            ``grng/damping``, ``grng/kl_scale`` and ``grng/skipped_steps`` through the
-            Trainer's loggers after each optimizer step.
+            ``grng/damping``, ``grng/kl_scale``, ``grng/skipped_steps`` and
+            ``grng/rejected_statistics`` through the Trainer's loggers after each optimizer step.
     """
 
     def __init__(self, log_diagnostics: bool = True) -> None:
@@ -56,6 +69,24 @@ class GRNGCallback(Callback):
         ]
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        if not isinstance(io, NamedErrorsCheckpointIO):
+            trainer.strategy.checkpoint_io = NamedErrorsCheckpointIO(io)
+        self._run_before_tuners(trainer)
+
+    @staticmethod
+    def _run_before_tuners(trainer: pl.Trainer) -> None:
+        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+        tuners = [i for i, cb in enumerate(callbacks) if isinstance(cb, _TUNERS)]
+        ours = [i for i, cb in enumerate(callbacks) if isinstance(cb, GRNGCallback)]
+        if not tuners or ours[0] < tuners[0]:
+            return
+        rest = [cb for cb in callbacks if not isinstance(cb, GRNGCallback)]
+        mine = [callbacks[i] for i in ours]
+        trainer.callbacks = rest[: tuners[0]] + mine + rest[tuners[0] :]  # type: ignore[attr-defined]
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         first = next(cb for cb in trainer.callbacks if isinstance(cb, GRNGCallback))  # type: ignore[attr-defined]
         self._active = first is self
@@ -63,8 +94,29 @@ class GRNGCallback(Callback):
             return
         # fp16 AMP: the precision plugin's GradScaler scales the loss the hooks see.
         scaler = getattr(trainer.precision_plugin, "scaler", None)
+        # Lightning divides each micro-batch's loss by accumulate_grad_batches (automatic
+        # optimization only), also in an epoch's last, partial window.
+        micro_batches = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        self._check_tuners_can_regularize(trainer)
         for optimizer in self.grng_optimizers(trainer):
+            optimizer._gate.micro_batches = micro_batches
+            if any(h.optimizer is optimizer for h in self._handles):
+                continue
             self._handles.append(attach(pl_module, optimizer, grad_scaler=scaler))
+
+    def _check_tuners_can_regularize(self, trainer: pl.Trainer) -> None:
+        """A tuner's steps run without callbacks, so this callback cannot add RENG's
+        regularization term there; only a strategy that drives it can."""
+        if isinstance(trainer.strategy, RegularizedBackwardMixin):
+            return
+        tuners = [cb for cb in trainer.callbacks if isinstance(cb, _TUNERS)]  # type: ignore[attr-defined]
+        if tuners and double_backprop_optimizer(None, self.grng_optimizers(trainer)) is not None:
+            raise MisconfigurationException(
+                f"{type(tuners[0]).__name__} runs its training steps without callbacks, so "
+                "GRNGCallback cannot add RENG's gradient-regularization term there: use "
+                "Trainer(strategy=lightning_grng.GRNGStrategy()) (or GRNGDDPStrategy), or "
+                "RENG(gr_mode='finite_difference')."
+            )
 
     @override
     def on_before_backward(
@@ -116,9 +168,13 @@ class GRNGCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._handles:
+            handle.optimizer._gate.micro_batches = 1
             handle.remove()
         self._handles.clear()
         self._logged_step.clear()
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, NamedErrorsCheckpointIO):
+            trainer.strategy.checkpoint_io = io.inner
 
 
 def callbacks_factory() -> list[Callback]:

@@ -7,7 +7,6 @@ scaled the loss. Overriding it lets an unmodified module train with RENG.
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
 import lightning.pytorch as pl
@@ -58,18 +57,8 @@ def loss_scale_of(strategy: Any) -> float:
 
 
 class RegularizedBackwardMixin:
-    """Replaces the precision plugin's backward by RENG's regularized backward when needed,
-    and names the file when a checkpoint cannot be read."""
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        try:
-            return super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-            raise RuntimeError(
-                f"Cannot read the checkpoint {checkpoint_path}: it is corrupted or truncated "
-                f"({error})"
-            ) from error
+    """Replaces the precision plugin's backward by RENG's regularized backward when needed.
+    (An unreadable checkpoint is named by ``GRNGCallback``, whatever the strategy.)"""
 
     def _regularized_backward(self, loss: Tensor, reng: RENG, loss_scale: float) -> None:
         penalty = gradient_penalty(loss, reng, loss_scale)
@@ -187,8 +176,9 @@ class GRNGDDPStrategy(RegularizedBackwardMixin, DDPStrategy):
             return
         rho_of = reng._rho_of()
         params = [p for p in reng.flat_params() if p.requires_grad]
-        # The plain loss's local backward: it feeds the curvature statistics (gate open).
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        # The plain loss's local backward: its output gradients are the curvature statistics.
+        with reng._gate.statistics_pass():
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         local = [
             torch.zeros_like(p) if g is None else g.detach()
             for p, g in zip(params, grads, strict=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,17 @@ FALLBACK_UPDATE = "momentum SGD on the raw gradient (identity preconditioner)"
 
 _MAX_DAMPING_BOOST = 2.0**20
 
+#: Per-group hyperparameters and their allowed ranges ``(low, high, low_open, high_open)``;
+#: checked in ``__init__`` and for every param group (also ``add_param_group``).
+GROUP_RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
+    "lr": (0.0, None, False, False),
+    "momentum": (0.0, 1.0, False, True),
+    "weight_decay": (0.0, None, False, False),
+    "damping": (0.0, None, True, False),
+}
+#: The gradient-regularization strength of RING, RENG and RKalman.
+RHO_RANGE = {"rho": (0.0, None, False, False)}
+
 
 def _total(values: Iterable[Tensor]) -> float:
     """Sum of scalar tensors read back with one host sync (not one per parameter)."""
@@ -53,7 +64,14 @@ class GRNGOptimizer(Optimizer):
 
     Not used directly; see :class:`~lightning_grng.KFAC`, :class:`~lightning_grng.RING`,
     :class:`~lightning_grng.RENG` and :class:`~lightning_grng.RKalman`.
+
+    Curvature statistics accumulate exactly like gradients (``curvature/capture.py``):
+    :meth:`zero_grad` clears them with the gradients, and only backward passes that reach the
+    parameters' ``.grad`` count.
     """
+
+    #: Per-group hyperparameters this optimizer checks (subclasses add ``rho``).
+    group_ranges: ClassVar[dict[str, tuple[float, float | None, bool, bool]]] = GROUP_RANGES
 
     def __init__(
         self,
@@ -69,12 +87,8 @@ class GRNGOptimizer(Optimizer):
         loss_reduction: str | LossReduction,
     ) -> None:
         name = type(self).__name__
-        defaults = dict(
-            lr=check_range(name, "lr", lr, 0.0),
-            momentum=check_range(name, "momentum", momentum, 0.0, 1.0, high_open=True),
-            weight_decay=check_range(name, "weight_decay", weight_decay, 0.0),
-            damping=check_range(name, "damping", damping, 0.0, low_open=True),
-        )
+        given = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
+        defaults = {key: self._check_group_value(key, value) for key, value in given.items()}
         self.curvature_every = check_int(name, "curvature_every", curvature_every)
         if kl_clip is not None:
             kl_clip = check_range(name, "kl_clip", kl_clip, 0.0, low_open=True)
@@ -89,8 +103,14 @@ class GRNGOptimizer(Optimizer):
         self._model: nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
         self._warned_silent: set[str] = set()
+        #: Parameters of supported layers that were frozen at attach -> module name.
+        self._frozen_at_attach: dict[Tensor, str] = {}
+        self._warned_unfrozen: set[str] = set()
+        self._live_handles: list[Any] = []
         self.grng_step = 0
         self.skipped_steps = 0
+        #: Block statistics refused because they were not finite (e.g. overflow), all steps.
+        self.rejected_statistics = 0
         self.damping_boost = 1.0
         #: Squared norm of the plain (unregularized) gradient when it differs from the one
         #: preconditioned (RENG); reported as ``grad_norm``.
@@ -110,6 +130,38 @@ class GRNGOptimizer(Optimizer):
         self.defaults[key] = value
         for group in self.param_groups:
             group.setdefault(key, value)
+
+    def _check_group_value(self, key: str, value: Any) -> float:
+        low, high, low_open, high_open = self.group_ranges[key]
+        return check_range(type(self).__name__, key, value, low, high, low_open, high_open)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a param group; its hyperparameters are checked like the constructor's."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for key in self.group_ranges:
+                if key in group:
+                    group[key] = self._check_group_value(key, group[key])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears the gradients and, with them, the curvature statistics of the window."""
+        super().zero_grad(set_to_none)
+        # The optimizer's own re-evaluations (RENG's finite-difference closure) zero the
+        # gradients inside step(); the statistics of the step must survive them.
+        if self._capture is not None and not self._gate.paused_now:
+            self._capture.reset()
+
+    def __getstate__(self) -> dict[str, Any]:
+        name = type(self).__name__
+        raise TypeError(
+            f"{name} cannot be copied or pickled (it is bound to its model's hooks): save "
+            f"optimizer.state_dict(), which holds all curvature state, and load it into a new "
+            f"{name} with load_state_dict()."
+        )
 
     # ------------------------------------------------------------------ attaching
     @property
@@ -153,17 +205,33 @@ class GRNGOptimizer(Optimizer):
             if isinstance(v, Tensor)
         )
 
-    def _attach(self, model: nn.Module, blocks: dict[str, KroneckerBlock]) -> CurvatureCapture:
-        """Called by :func:`lightning_grng.attach`; registers the hooks."""
+    def _attach(
+        self,
+        model: nn.Module,
+        blocks: dict[str, KroneckerBlock],
+        frozen: dict[Tensor, str] | None = None,
+    ) -> CurvatureCapture:
+        """Called by :func:`lightning_grng.attach`; registers the hooks.
+
+        A curvature state loaded before attaching is applied now; if it does not fit the
+        model, nothing is attached and the optimizer is left as it was before that load.
+        """
+        previous_blocks = self._blocks
         self._blocks = blocks
-        self._model = model
-        accumulators = {key: self._new_accumulator(block) for key, block in blocks.items()}
-        self._capture = CurvatureCapture(blocks, accumulators, self._gate)
-        self._capture.register()
-        self._gate.wanted = self._curvature_due()
         if self._pending_state is not None:
-            pending, self._pending_state = self._pending_state, None
-            self._load_grng_state(pending)
+            (pending, before), self._pending_state = self._pending_state, None
+            try:
+                self._load_grng_state(pending)
+            except Exception:
+                self._blocks = previous_blocks
+                self._restore(before)
+                raise
+        self._model = model
+        self._frozen_at_attach = dict(frozen or {})
+        accumulators = {key: self._new_accumulator(block) for key, block in blocks.items()}
+        self._capture = CurvatureCapture(blocks, accumulators, self._gate, owner=self)
+        self._capture.register(model)
+        self._gate.wanted = self._curvature_due()
         return self._capture
 
     def _detach(self) -> None:
@@ -171,6 +239,15 @@ class GRNGOptimizer(Optimizer):
             self._capture.remove()
         self._capture = None
         self._model = None
+        self._live_handles.clear()
+
+    def _release(self, handle: Any) -> None:
+        """One handle is removed; the hooks go when no handle of this attachment is left."""
+        if handle not in self._live_handles:
+            return
+        self._live_handles.remove(handle)
+        if not self._live_handles:
+            self._detach()
 
     def _require_attached(self) -> CurvatureCapture:
         if self._capture is None:
@@ -222,6 +299,7 @@ class GRNGOptimizer(Optimizer):
                 Required by ``RENG(gr_mode="finite_difference")``, optional otherwise.
         """
         capture = self._require_attached()
+        self._warn_unfrozen()
         params = [p for p in self.flat_params() if p.grad is not None]
         loss, grads = self._gradients(params, closure)
         # Gradients may have appeared only through the closure.
@@ -276,8 +354,24 @@ class GRNGOptimizer(Optimizer):
             "damping": self._effective_damping(self.param_groups[0], grad_sq),
             "kl_scale": scale,
             "skipped_steps": float(self.skipped_steps),
+            "rejected_statistics": float(self.rejected_statistics),
         }
         return loss
+
+    def _warn_unfrozen(self) -> None:
+        """Names a layer that was frozen at attach and trains now (it has no block)."""
+        for p, name in self._frozen_at_attach.items():
+            if p.grad is None or name in self._warned_unfrozen:
+                continue
+            self._warned_unfrozen.add(name)
+            warnings.warn(
+                f"{type(self).__name__}: module '{name}' was frozen when the curvature hooks "
+                f"were attached and now has gradients, so it gets the fallback update "
+                f"({FALLBACK_UPDATE}); re-attach after unfreezing (handle.remove(), then "
+                "attach(model, optimizer)) to give it a Kronecker block.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _raise_damping(self) -> None:
         """After a failure: double the damping boost (it halves again on each good step)."""
@@ -305,6 +399,7 @@ class GRNGOptimizer(Optimizer):
             "damping": self._effective_damping(self.param_groups[0], 0.0),
             "kl_scale": 0.0,
             "skipped_steps": float(self.skipped_steps),
+            "rejected_statistics": float(self.rejected_statistics),
         }
         warnings.warn(
             f"{type(self).__name__}: non-finite gradient at step {self.grng_step}; the step was "
@@ -314,19 +409,47 @@ class GRNGOptimizer(Optimizer):
         )
 
     def _absorb_statistics(self, capture: CurvatureCapture, grad_of: dict[Tensor, Tensor]) -> None:
+        self._complete_partial_window(capture)
         if self._sharded and self._blocks:
             self._reduce_statistics(capture)
         for key, block in self._blocks.items():
             if not self._owns(key):
                 continue
             acc = capture.accumulators[key]
-            has_grad = block.weight in grad_of
-            if acc.complete:
-                if not self._update_block(key, block, acc):
-                    self.diagnostics["rejected_statistics"] = 1.0
-            elif has_grad:
+            if block.weight not in grad_of:
+                continue  # its gradient was cleared (or never came): so are its statistics
+            if not acc.complete:
                 self._warn_silent_block(key, block, capture)
+            elif not self._update_block(key, block, acc):
+                self._reject_statistics(block)
         capture.reset()
+
+    def _complete_partial_window(self, capture: CurvatureCapture) -> None:
+        """Rescales G of a window that ended after fewer backward passes than the loop divides
+        each loss by (Lightning's last, partial accumulation window of an epoch).
+
+        With a loss divided by ``d`` but only ``k < d`` passes, the output gradients are
+        ``k/d`` times those of the mean loss over the samples seen; ``(d/k)²`` undoes it.
+        """
+        divisor = self._gate.micro_batches
+        if divisor <= 1:
+            return
+        for acc in capture.accumulators.values():
+            if 0 < acc.passes < divisor:
+                acc.scale_output_grads((divisor / acc.passes) ** 2)
+
+    def _reject_statistics(self, block: KroneckerBlock) -> None:
+        """Non-finite statistics (overflow): dropped, counted, said once."""
+        self.rejected_statistics += 1
+        if self.rejected_statistics == 1:
+            warnings.warn(
+                f"{type(self).__name__}: the curvature statistics of module '{block.name}' at "
+                f"step {self.grng_step} are not finite (overflow?) and were dropped; the last "
+                "good curvature is kept. Further rejections are counted in "
+                "diagnostics['rejected_statistics'] (logged as grng/rejected_statistics).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _warn_silent_block(
         self, key: str, block: KroneckerBlock, capture: CurvatureCapture
@@ -340,6 +463,16 @@ class GRNGOptimizer(Optimizer):
         if key in self._warned_silent:
             return
         self._warned_silent.add(key)
+        if key in capture.eval_forward:
+            warnings.warn(
+                f"{type(self).__name__}: module '{block.name}' ran in eval mode during the "
+                "training step (model.eval()?), and curvature statistics are taken in training "
+                f"mode only; it gets the fallback update ({FALLBACK_UPDATE}) until then. Call "
+                "model.train() before the training forward.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
         warnings.warn(
             f"{type(self).__name__}: the curvature hooks of module '{block.name}' "
             f"({type(block.module).__name__}) never fired although its parameters have "
@@ -461,6 +594,7 @@ class GRNGOptimizer(Optimizer):
             "step": self.grng_step,
             "skipped_steps": self.skipped_steps,
             "damping_boost": self.damping_boost,
+            "rejected_statistics": self.rejected_statistics,
             "blocks": blocks,
         }
         return state
@@ -494,11 +628,56 @@ class GRNGOptimizer(Optimizer):
                 "resume with the same optimizer or start a fresh run."
             )
         rest = {k: v for k, v in state_dict.items() if k != "grng"}
-        super().load_state_dict(rest)
-        if self.attached:
-            self._load_grng_state(grng)
-        else:
-            self._pending_state = grng
+        before = self._snapshot()
+        try:
+            super().load_state_dict(rest)
+            if self.attached:
+                self._load_grng_state(grng)
+            else:
+                self._pending_state = (grng, before)
+            self._check_momentum_shapes()
+        except Exception:
+            # A refused state leaves the optimizer exactly as it was.
+            self._restore(before)
+            raise
+
+    def _curvature_store(self) -> dict[str, Any]:
+        """The dict of per-block curvature objects that loading replaces (never mutates)."""
+        raise NotImplementedError
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` may change, by reference (loading builds new
+        objects, so the old ones stay intact)."""
+        return dict(
+            state=self.state,
+            param_groups=self.param_groups,
+            curvature=dict(self._curvature_store()),
+            counters=(self.grng_step, self.skipped_steps, self.damping_boost),
+            rejected=self.rejected_statistics,
+            pending=self._pending_state,
+            wanted=self._gate.wanted,
+        )
+
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        self.state = snapshot["state"]
+        self.param_groups = snapshot["param_groups"]
+        store = self._curvature_store()
+        store.clear()
+        store.update(snapshot["curvature"])
+        self.grng_step, self.skipped_steps, self.damping_boost = snapshot["counters"]
+        self.rejected_statistics = snapshot["rejected"]
+        self._pending_state = snapshot["pending"]
+        self._gate.wanted = snapshot["wanted"]
+
+    def _check_momentum_shapes(self) -> None:
+        for i, p in enumerate(self.flat_params()):
+            buf = self.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and buf.shape != p.shape:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the momentum buffer of parameter "
+                    f"{i} has shape {tuple(buf.shape)}, expected {tuple(p.shape)}; the "
+                    "checkpoint belongs to another model."
+                )
 
     def _load_grng_state(self, grng: dict[str, Any]) -> None:
         name = type(self).__name__
@@ -518,4 +697,5 @@ class GRNGOptimizer(Optimizer):
         self.grng_step = int(grng["step"])
         self.skipped_steps = int(grng["skipped_steps"])
         self.damping_boost = float(grng["damping_boost"])
+        self.rejected_statistics = int(grng.get("rejected_statistics", 0))
         self._gate.wanted = self._curvature_due()

@@ -127,3 +127,6 @@ class KFAC(GRNGOptimizer):
 
     def _drop_block_state(self, key: str) -> None:
         self._factors.pop(key, None)
+
+    def _curvature_store(self) -> dict[str, Any]:
+        return self._factors

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from lightning_grng.optim.base import ParamsT, _total
+from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, ParamsT, _total
 from lightning_grng.optim.kfac import KFAC
 from lightning_grng.optim.validation import check_choice, check_range
 
@@ -53,6 +53,11 @@ class RENG(KFAC):
         fd_eps: finite-difference step length ``ε‖g‖`` (> 0).
     """
 
+    group_ranges: ClassVar[dict[str, tuple[float, float | None, bool, bool]]] = {
+        **GROUP_RANGES,
+        **RHO_RANGE,
+    }
+
     def __init__(
         self,
         params: ParamsT,
@@ -90,7 +95,7 @@ class RENG(KFAC):
             fisher=fisher,
             loss_reduction=loss_reduction,
         )
-        self._add_group_default("rho", check_range(name, "rho", rho, 0.0))
+        self._add_group_default("rho", self._check_group_value("rho", rho))
         self._grads_regularized = False
 
     @property
@@ -188,7 +193,8 @@ def gradient_penalty(loss: Tensor, optimizer: RENG, loss_scale: float = 1.0) -> 
 
     ``loss`` is ``loss_scale · ℓ`` (e.g. ``1/N`` under gradient accumulation over N
     micro-batches, times the AMP loss scale). The inner ``autograd.grad(..., create_graph=True)``
-    is the plain loss's backward: it feeds the curvature statistics. The returned penalty
+    is the plain loss's backward: its output gradients are the curvature statistics, committed
+    by the ordinary backward of the regularized loss that follows. The returned penalty
     ``ρ/(2c)·‖∇(cℓ)‖²`` has gradient ``c·ρ·Hg``, so adding its backward to the loss's gives
     ``c·∇(ℓ + ρ/2‖∇ℓ‖²)`` for this micro-batch. Returns None when ρ = 0 everywhere.
     """
@@ -196,7 +202,8 @@ def gradient_penalty(loss: Tensor, optimizer: RENG, loss_scale: float = 1.0) -> 
         return None
     rho_of = optimizer._rho_of()
     params = [p for p in optimizer.flat_params() if p.requires_grad]
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    with optimizer._gate.statistics_pass():
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     used = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
     optimizer._record_plain_grad_norm([g.detach() / loss_scale for _, g in used])
     return sum(0.5 / loss_scale * rho_of[p] * g.pow(2).sum() for p, g in used)  # type: ignore[return-value]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from lightning_grng.optim.base import ParamsT
+from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, ParamsT
 from lightning_grng.optim.kfac import KFAC
-from lightning_grng.optim.validation import check_range
 
 
 class RING(KFAC):
@@ -38,6 +37,11 @@ class RING(KFAC):
         fisher: ``"empirical"`` or ``"mc"``.
         loss_reduction: ``"mean"`` or ``"sum"``.
     """
+
+    group_ranges: ClassVar[dict[str, tuple[float, float | None, bool, bool]]] = {
+        **GROUP_RANGES,
+        **RHO_RANGE,
+    }
 
     def __init__(
         self,
@@ -71,7 +75,7 @@ class RING(KFAC):
             fisher=fisher,
             loss_reduction=loss_reduction,
         )
-        self._add_group_default("rho", check_range(type(self).__name__, "rho", rho, 0.0))
+        self._add_group_default("rho", self._check_group_value("rho", rho))
 
     def _effective_damping(self, group: dict[str, Any], grad_sq_norm: float) -> float:
         return (group["damping"] + group["rho"] * grad_sq_norm) * self.damping_boost

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -18,7 +18,7 @@ from lightning_grng.curvature.kalman import (
     Measurement,
     MeasurementMethod,
 )
-from lightning_grng.optim.base import GRNGOptimizer, ParamsT
+from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, GRNGOptimizer, ParamsT
 from lightning_grng.optim.validation import check_choice, check_int, check_range
 
 
@@ -91,6 +91,11 @@ class RKalman(GRNGOptimizer):
         seed: seed of the measurement draws (sketches, row samples), >= 0.
     """
 
+    group_ranges: ClassVar[dict[str, tuple[float, float | None, bool, bool]]] = {
+        **GROUP_RANGES,
+        **RHO_RANGE,
+    }
+
     def __init__(
         self,
         params: ParamsT,
@@ -146,7 +151,7 @@ class RKalman(GRNGOptimizer):
             fisher=fisher,
             loss_reduction=loss_reduction,
         )
-        self._add_group_default("rho", check_range(name, "rho", rho, 0.0))
+        self._add_group_default("rho", self._check_group_value("rho", rho))
         self._filters: dict[str, KalmanFactors] = {}
         self._pending: dict[str, Measurement] = {}
         self._step_gain: dict[str, float] = {}
@@ -268,6 +273,9 @@ class RKalman(GRNGOptimizer):
 
     def _drop_block_state(self, key: str) -> None:
         self._filters.pop(key, None)
+
+    def _curvature_store(self) -> dict[str, Any]:
+        return self._filters
 
     def _reduce_statistics(self, capture: Any) -> None:
         self._shard.bind(self._blocks)
