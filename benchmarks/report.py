@@ -500,7 +500,10 @@ def generalization_section(res: Results) -> list[str]:
             " training subset after training; gap = train − test; sharpness = the top"
             " eigenvalue of the training-loss Hessian on 1024 training images (power iteration"
             " on exact Hessian-vector products, 20 iterations). SAM is the flat-minima"
-            " baseline.",
+            " baseline. Read sharpness together with the training loss: the cross-entropy"
+            " Hessian scales with p(1 − p) of the predicted probabilities, so a run that drives"
+            " its training loss to zero also drives λ_max down without being flatter in"
+            " parameter space.",
             "",
         ]
         rows = []
