@@ -136,3 +136,74 @@ def spd_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
         evals, evecs = torch.linalg.eigh(symmetrize(M.to(torch.float64)))
         evals, evecs = evals.to(dtype), evecs.to(dtype)
     return evals.clamp_min(0.0), evecs
+
+
+# ---------------------------------------------------------------------------- sync-free forms
+#: Newton–Schulz steps of a warm-started refresh. An accepted warm start has spectral radius
+#: ``ρ(I − X₀M) < 0.9``, so 7 steps give ``‖E‖ <= √n·0.9^128 ≈ 1e-5`` for n = 785 (the residual
+#: squares every step); measured after one EMA step: 2–4 (``benchmarks/decompositions.py``).
+WARM_NEWTON_ITERS = 7
+
+
+def spectral_radius_mask(E: Tensor, bound: float = 0.9, iters: int = 12) -> Tensor:
+    """Per batch element, whether the power-iteration estimate of ``ρ(E)`` is below ``bound``.
+
+    The device-side form of :func:`spectral_radius_estimate` (no host read-back): a boolean
+    tensor of shape ``E.shape[:-2]``, False where the estimate is not finite.
+    """
+    v = torch.ones(*E.shape[:-1], 1, dtype=E.dtype, device=E.device)
+    estimate = torch.zeros(E.shape[:-2], dtype=E.dtype, device=E.device)
+    for _ in range(iters):
+        w = E @ v
+        estimate = torch.linalg.vector_norm(w, dim=(-2, -1))
+        v = w / estimate.clamp_min(torch.finfo(E.dtype).tiny)[..., None, None]
+    return estimate < bound  # NaN compares False
+
+
+def newton_schulz_steps(M: Tensor, X: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """Exactly ``iters`` Newton–Schulz steps ``X ← X(2I − MX)`` from ``X``, no host read-back.
+
+    The identity is that of :func:`newton_schulz_inverse` (``E_{k+1} = E_k²``); the number of
+    steps is fixed by the caller, and convergence is judged afterwards from the returned
+    residual ``‖I − XM‖_F`` per batch element (shape ``M.shape[:-2]``), on the device.
+    Both are in the working dtype.
+    """
+    dtype = working_dtype(M.dtype)
+    Mw, X = M.to(dtype), X.to(dtype)
+    eye = torch.eye(M.shape[-1], dtype=dtype, device=M.device)
+    for _ in range(iters):
+        E = eye - X @ Mw
+        X = symmetrize(X + X @ E.transpose(-1, -2))
+    residual = torch.linalg.matrix_norm(eye - X @ Mw)
+    return X, residual
+
+
+def newton_schulz_cold_start(M: Tensor) -> Tensor:
+    """``I / ‖M‖_F``: converges for any SPD M (the eigenvalues of ``I − M/‖M‖_F`` lie in [0, 1))."""
+    dtype = working_dtype(M.dtype)
+    Mw = M.to(dtype)
+    norm = torch.linalg.matrix_norm(Mw).clamp_min(torch.finfo(dtype).tiny)
+    eye = torch.eye(M.shape[-1], dtype=dtype, device=M.device)
+    return eye / norm[..., None, None]
+
+
+def batched_spd_eigh(matrices: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """:func:`spd_eigh` of many ``(g_i, n_i, n_i)`` batches, one call per distinct ``(n, dtype)``.
+
+    Same-size factors of different blocks are concatenated along the batch dimension, so a
+    device runs one batched decomposition instead of one launch sequence per block. Returns
+    ``(eigenvalues, eigenvectors)`` per input, in input order.
+    """
+    groups: dict[tuple[int, torch.dtype], list[int]] = {}
+    for i, m in enumerate(matrices):
+        groups.setdefault((m.shape[-1], m.dtype), []).append(i)
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(matrices)
+    for indices in groups.values():
+        parts = [matrices[i] for i in indices]
+        evals, evecs = spd_eigh(torch.cat(parts) if len(parts) > 1 else parts[0])
+        offset = 0
+        for i, part in zip(indices, parts, strict=True):
+            size = part.shape[0]
+            out[i] = (evals[offset : offset + size], evecs[offset : offset + size])
+            offset += size
+    return out  # type: ignore[return-value]

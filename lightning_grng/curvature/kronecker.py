@@ -19,7 +19,13 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from lightning_grng.curvature.inverse import newton_schulz_inverse, spd_eigh
+from lightning_grng.curvature.inverse import (
+    WARM_NEWTON_ITERS,
+    newton_schulz_cold_start,
+    newton_schulz_steps,
+    spd_eigh,
+    spectral_radius_mask,
+)
 
 
 class InverseMethod(str, Enum):
@@ -61,6 +67,12 @@ class KroneckerFactors:
         self.inv_G: Tensor | None = None
         self.updates = 0
         self.newton_iterations = 0
+        #: Device flag: the factors hold at least one accepted statistic (None: loaded state).
+        self.valid: Tensor | None = None
+        #: Device flag of the last Newton refresh: some warm-started inverse was not usable.
+        self.unusable: Tensor | None = None
+        #: Host flag, from the step's read-back: the next Newton refresh starts cold.
+        self.cold_next = False
 
     @property
     def ready(self) -> bool:
@@ -69,54 +81,131 @@ class KroneckerFactors:
 
     @property
     def finite(self) -> bool:
-        return bool(
-            self.A is not None
-            and self.G is not None
-            and torch.isfinite(self.A).all()
-            and torch.isfinite(self.G).all()
-        )
+        """Host check that both factors exist and are finite (one read-back; not in ``step``)."""
+        return self.A is not None and self.G is not None and bool(self.finite_mask())
 
-    def update(self, A_batch: Tensor, G_batch: Tensor, decay: float) -> None:
+    def finite_mask(self) -> Tensor:
+        """Device flag (0-dim bool): the factors hold an accepted statistic and are finite."""
+        assert self.A is not None and self.G is not None
+        ok = torch.isfinite(self.A).all() & torch.isfinite(self.G).all()
+        return ok if self.valid is None else ok & self.valid
+
+    def update(
+        self, A_batch: Tensor, G_batch: Tensor, decay: float, accept: Tensor | None = None
+    ) -> Tensor:
         """EMA update ``F ← decay·F + (1 − decay)·F_batch``; the first batch initializes F, and
-        so does any batch after the state became non-finite (it would otherwise stay NaN)."""
-        A_batch, G_batch = A_batch.to(self.dtype), G_batch.to(self.dtype)
-        if self.A is None or self.G is None or not bool(self.finite):
-            self.A, self.G = A_batch.clone(), G_batch.clone()
-        else:
-            self.A.mul_(decay).add_(A_batch, alpha=1.0 - decay)
-            self.G.mul_(decay).add_(G_batch, alpha=1.0 - decay)
-        self.updates += 1
+        so does any batch after the state became non-finite (it would otherwise stay NaN).
 
-    def refresh(self, method: InverseMethod, damping: float, newton_iters: int) -> bool:
-        """Recompute the inverse representation. Returns False (and keeps the last good one)
-        when the factors or the result are not finite or the decomposition fails."""
-        if not self.finite:
-            return False
+        Decided on the device: a batch that is not finite, or whose ``accept`` flag is False
+        (a skipped step), leaves the factors unchanged. Returns whether the batch statistics
+        were finite (0-dim bool tensor; the caller counts rejections from it).
+        """
+        A_batch, G_batch = A_batch.to(self.dtype), G_batch.to(self.dtype)
+        batch_ok = torch.isfinite(A_batch).all() & torch.isfinite(G_batch).all()
+        take = batch_ok if accept is None else batch_ok & accept
+        if self.A is None or self.G is None:
+            self.A = torch.where(take, A_batch, torch.full_like(A_batch, math.nan))
+            self.G = torch.where(take, G_batch, torch.full_like(G_batch, math.nan))
+            self.valid = take
+        else:
+            restart = ~self.finite_mask()
+            A_ema = torch.where(restart, A_batch, self.A * decay + A_batch * (1.0 - decay))
+            G_ema = torch.where(restart, G_batch, self.G * decay + G_batch * (1.0 - decay))
+            self.A = torch.where(take, A_ema, self.A)
+            self.G = torch.where(take, G_ema, self.G)
+            self.valid = take if self.valid is None else self.valid | take
+        self.updates += 1
+        return batch_ok
+
+    def _safe_factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(A, G, ok)`` with non-finite factors replaced by identities, so a decomposition
+        of a corrupted state cannot raise; ``ok`` says whether they were the real factors."""
+        assert self.A is not None and self.G is not None
+        ok = self.finite_mask()
+        eye_A = torch.eye(self.A.shape[-1], dtype=self.A.dtype, device=self.A.device)
+        eye_G = torch.eye(self.G.shape[-1], dtype=self.G.dtype, device=self.G.device)
+        return torch.where(ok, self.A, eye_A), torch.where(ok, self.G, eye_G), ok
+
+    def eigh_inputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The matrices the eigh route decomposes and whether they are the real factors."""
+        return self._safe_factors()
+
+    def install_eigh(
+        self,
+        eig_A: tuple[Tensor, Tensor],
+        eig_G: tuple[Tensor, Tensor],
+        inputs_ok: Tensor,
+        accept: Tensor | None = None,
+    ) -> Tensor:
+        """Installs a new eigenbasis where it is usable (device-side), keeps the last good one
+        otherwise. Returns the failure flag (0-dim bool): the factors held statistics but the
+        factors or the decomposition were not finite (the caller raises the damping)."""
+        parts = (*eig_A, *eig_G)
+        ok = inputs_ok & torch.stack([torch.isfinite(t).all() for t in parts]).all()
+        take = ok if accept is None else ok & accept
+        old = (self.eval_A, self.evec_A, self.eval_G, self.evec_G)
+        kept = [_keep_last_good(new, prev, take) for new, prev in zip(parts, old, strict=True)]
+        self.eval_A, self.evec_A, self.eval_G, self.evec_G = kept
+        self.inv_A = self.inv_G = None
+        return self._failed(ok)
+
+    def _failed(self, ok: Tensor) -> Tensor:
+        return ~ok if self.valid is None else ~ok & self.valid
+
+    def refresh(
+        self,
+        method: InverseMethod,
+        damping: float | Tensor,
+        newton_iters: int,
+        accept: Tensor | None = None,
+    ) -> Tensor:
+        """Recompute the inverse representation without a host read-back. Where the factors or
+        the result are not finite, the last good representation is kept (decided on the
+        device). Returns the failure flag (0-dim bool tensor).
+
+        The Newton route runs :data:`~lightning_grng.curvature.inverse.WARM_NEWTON_ITERS`
+        steps from the previous inverse (a cold start for the batch elements whose warm start
+        fails :func:`~lightning_grng.curvature.inverse.spectral_radius_mask`), or
+        ``newton_iters`` from a cold start when there is no previous inverse or the last warm
+        refresh did not give a usable one (:attr:`cold_next`, set by the optimizer from the
+        step's read-back of :attr:`unusable`).
+        """
         if method is InverseMethod.EIGH:
+            A, G, inputs_ok = self.eigh_inputs()
             try:
-                eval_A, evec_A = spd_eigh(self.A)
-                eval_G, evec_G = spd_eigh(self.G)
+                eig_A, eig_G = spd_eigh(A), spd_eigh(G)
             except torch.linalg.LinAlgError:
-                return False
-            if not all(torch.isfinite(t).all() for t in (eval_A, evec_A, eval_G, evec_G)):
-                return False
-            self.eval_A, self.evec_A, self.eval_G, self.evec_G = eval_A, evec_A, eval_G, evec_G
-            self.inv_A = self.inv_G = None
-            return True
-        pi = pi_split(self.A, self.G)
-        root = math.sqrt(damping)
-        res_A = newton_schulz_inverse(
-            _add_to_diagonal(self.A, pi * root), self.inv_A, max_iters=newton_iters
-        )
-        res_G = newton_schulz_inverse(
-            _add_to_diagonal(self.G, root / pi), self.inv_G, max_iters=newton_iters
-        )
-        if not (torch.isfinite(res_A.inverse).all() and torch.isfinite(res_G.inverse).all()):
-            return False
-        self.inv_A, self.inv_G = res_A.inverse, res_G.inverse
+                return self._failed(torch.zeros_like(inputs_ok))
+            return self.install_eigh(eig_A, eig_G, inputs_ok, accept)
+        A, G, inputs_ok = self._safe_factors()
+        pi = pi_split(A, G)
+        root = damping**0.5
+        M_A = _add_to_diagonal(A, pi * root)
+        M_G = _add_to_diagonal(G, root / pi)
+        cold = self.cold_next or self.inv_A is None or self.inv_A.shape != A.shape
+        new, usable = [], []
+        for M, previous in ((M_A, self.inv_A), (M_G, self.inv_G)):
+            X0 = newton_schulz_cold_start(M)
+            if not cold and previous is not None:
+                eye = torch.eye(M.shape[-1], dtype=X0.dtype, device=M.device)
+                prev = previous.to(X0.dtype)
+                warm_ok = spectral_radius_mask(eye - prev @ M.to(X0.dtype))
+                X0 = torch.where(warm_ok[..., None, None], prev, X0)
+            iters = newton_iters if cold else min(WARM_NEWTON_ITERS, newton_iters)
+            X, residual = newton_schulz_steps(M, X0, iters)
+            finite = torch.isfinite(X).flatten(-2).all(-1)
+            # A cold run is kept whenever finite (its convergence is guaranteed); a warm run
+            # only where it contracted (‖I − XM‖_F < 1), else the last good inverse stays.
+            usable.append(finite if cold else finite & (residual < 1.0))
+            new.append(X.to(M.dtype))
+        self.newton_iterations = iters
+        ok = inputs_ok & torch.stack([torch.isfinite(X).all() for X in new]).all()
+        take = ok if accept is None else ok & accept
+        self.unusable = ~(usable[0].all() & usable[1].all())
+        self.inv_A = _keep_last_good(new[0], self.inv_A, take & usable[0][..., None, None])
+        self.inv_G = _keep_last_good(new[1], self.inv_G, take & usable[1][..., None, None])
         self.eval_A = self.evec_A = self.eval_G = self.evec_G = None
-        self.newton_iterations = max(res_A.iterations, res_G.iterations)
-        return True
+        return self._failed(ok)
 
     def precondition(self, V: Tensor, damping: float) -> Tensor:
         """``(A ⊗ G + γI)⁻¹ vec(V)`` for V of shape ``(g, n_out, n_in)``.
@@ -151,3 +240,13 @@ class KroneckerFactors:
             setattr(self, key, None if value is None else value.to(device))  # type: ignore[union-attr]
         if self.A is not None:
             self.dtype = self.A.dtype
+        self.valid = self.unusable = None
+        self.cold_next = False
+
+
+def _keep_last_good(new: Tensor, previous: Tensor | None, take: Tensor) -> Tensor:
+    """``new`` where ``take``, else the previous value (NaN where there is none yet, so the
+    preconditioned direction is not finite and the optimizer falls back to the gradient)."""
+    if previous is None or previous.shape != new.shape:
+        previous = torch.full_like(new, math.nan)
+    return torch.where(take, new, previous.to(new.dtype))

@@ -59,6 +59,15 @@ def _total(values: Iterable[Tensor]) -> float:
     return float(torch.stack([v.to(device) for v in items]).sum())
 
 
+def _device_total(values: Iterable[Tensor]) -> Tensor:
+    """Sum of scalar tensors as a float64 tensor on the device of the first (no host sync)."""
+    items = list(values)
+    if not items:
+        return torch.zeros((), dtype=torch.float64)
+    device = items[0].device
+    return torch.stack([v.to(device=device, dtype=torch.float64) for v in items]).sum()
+
+
 class GRNGOptimizer(Optimizer):
     """Base class: hook bookkeeping, the shared update skeleton, failure handling, checkpoints.
 
@@ -116,7 +125,15 @@ class GRNGOptimizer(Optimizer):
         #: preconditioned (RENG); reported as ``grad_norm``.
         self.plain_grad_sq: float | None = None
         #: Values of the last step, for loggers: grad_norm, damping, kl_scale, skipped_steps.
-        self.diagnostics: dict[str, float] = {}
+        self.diagnostics = {}
+        # The step's device flags, read back together once per step (see _settle).
+        self._ledger: list[tuple[Tensor, Callable[[float], None]]] = []
+        self._deferred: list[tuple[Tensor, Callable[[float], None]]] = []
+        self._settled = True
+        self._step_ok: Tensor | None = None
+        self._grad_sq_host = 0.0
+        self._step_ok_host = True
+        self._boost_before = 1.0
         #: Set by :class:`~lightning_grng.GRNGDDPStrategy`: which rank owns which block
         #: (:class:`~lightning_grng.distributed.Sharding`); None in a single process.
         self._shard: Any = None
@@ -124,6 +141,23 @@ class GRNGOptimizer(Optimizer):
         # Failures within the current step, so DDP ranks can agree on the damping boost.
         self._doublings = 0
         self._boost_at_start = 1.0
+
+    @property
+    def diagnostics(self) -> dict[str, float]:
+        """Values of the last step, for loggers: grad_norm, damping, kl_scale, skipped_steps,
+        rejected_statistics. Values the step left on the device are read back here (outside
+        ``step()``), once per step."""
+        values = self._diagnostics
+        if any(isinstance(v, Tensor) for v in values.values()):
+            keys = [k for k, v in values.items() if isinstance(v, Tensor)]
+            stacked = torch.stack([values[k].detach().to(torch.float64).reshape(()) for k in keys])
+            for k, v in zip(keys, stacked.cpu().tolist(), strict=True):
+                values[k] = float(v)
+        return values  # type: ignore[return-value]
+
+    @diagnostics.setter
+    def diagnostics(self, values: dict[str, float | Tensor]) -> None:
+        self._diagnostics = dict(values)
 
     def _add_group_default(self, key: str, value: Any) -> None:
         """A per-group hyperparameter of a subclass (e.g. ``rho``); explicit group values win."""
@@ -273,20 +307,23 @@ class GRNGOptimizer(Optimizer):
                 loss = closure()
         return loss, [p.grad.detach() if p.grad is not None else None for p in params]  # type: ignore[misc]
 
-    def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> bool:
-        """Absorb the step's statistics into the block's curvature state; False if rejected."""
+    def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> bool | Tensor:
+        """Absorb the step's statistics into the block's curvature state; False if rejected.
+
+        May return a device flag (0-dim bool) instead, read back with the step's flags; the
+        update must then be masked with ``self._step_ok`` (the step may still be skipped)."""
         raise NotImplementedError
 
-    def _refresh(self, grad_sq_norm: float) -> None:
+    def _refresh(self, grad_sq_norm: Tensor) -> None:
         """Hook for per-step work after the statistics (e.g. refreshing inverses on schedule)."""
 
     def _precondition_block(
-        self, key: str, block: KroneckerBlock, V: Tensor, group: dict[str, Any], grad_sq: float
+        self, key: str, block: KroneckerBlock, V: Tensor, group: dict[str, Any], grad_sq: Tensor
     ) -> Tensor | None:
         """Preconditioned ``(groups, n_out, n_in)`` matrix, or None while no curvature exists."""
         raise NotImplementedError
 
-    def _effective_damping(self, group: dict[str, Any], grad_sq_norm: float) -> float:
+    def _effective_damping(self, group: dict[str, Any], grad_sq_norm: float | Tensor) -> Any:
         """Damping applied this step (KFAC: λ; RING: λ + ρ‖g‖²), times the failure boost."""
         return group["damping"] * self.damping_boost
 
@@ -308,18 +345,15 @@ class GRNGOptimizer(Optimizer):
             grads = [p.grad.detach() for p in params]  # type: ignore[union-attr]
         grad_of = {p: g for p, g in zip(params, grads, strict=True)}
 
-        grad_sq = _total(g.double().pow(2).sum() for g in grads)
-        if not math.isfinite(grad_sq):
-            self._skip_step(capture)
-            return loss
-
-        # A good step relaxes the boost from earlier failures; failures below raise it again.
-        self.damping_boost = max(1.0, self.damping_boost * 0.5)
-        self._boost_at_start = self.damping_boost
-        self._doublings = 0
+        # ‖g‖² stays on the device; whether the step is skipped (non-finite gradient) is read
+        # back once, with every other flag of the step, in _settle().
+        grad_sq = _device_total(g.double().pow(2).sum() for g in grads)
+        self._begin_step(grad_sq)
         if self._curvature_due():
             self._absorb_statistics(capture, grad_of)
         self._refresh(grad_sq)
+        if not self._settle():
+            return loss
 
         directions: dict[Tensor, Tensor] = {}
         group_of = {p: group for group in self.param_groups for p in group["params"]}
@@ -333,9 +367,10 @@ class GRNGOptimizer(Optimizer):
             V = block.to_matrix(*[grad_of[p] for p in block_params])
             group = group_of[block.weight]
             U = self._precondition_block(key, block, V, group, grad_sq)
-            if U is None or not torch.isfinite(U).all():
+            if U is None:
                 continue
-            preconditioned[key] = U
+            # Non-finite direction: identity preconditioner for this block (on the device).
+            preconditioned[key] = torch.where(torch.isfinite(U).all(), U, V.to(U.dtype))
         if self._sharded and self._blocks:
             preconditioned = self._share_directions(preconditioned, grads)
         for key, U in preconditioned.items():
@@ -349,14 +384,81 @@ class GRNGOptimizer(Optimizer):
 
         self.grng_step += 1
         self._gate.wanted = self._curvature_due()
+        plain = self.plain_grad_sq
         self.diagnostics = {
-            "grad_norm": math.sqrt(grad_sq if self.plain_grad_sq is None else self.plain_grad_sq),
-            "damping": self._effective_damping(self.param_groups[0], grad_sq),
+            "grad_norm": math.sqrt(self._grad_sq_host) if plain is None else plain**0.5,
+            "damping": self._effective_damping(self.param_groups[0], self._grad_sq_host),
             "kl_scale": scale,
             "skipped_steps": float(self.skipped_steps),
             "rejected_statistics": float(self.rejected_statistics),
         }
         return loss
+
+    # ------------------------------------------------------------------ one read-back per step
+    def _begin_step(self, grad_sq: Tensor) -> None:
+        """Opens the step's ledger; the step counts as good until its read-back says not."""
+        self._step_ok = torch.isfinite(grad_sq)
+        self._ledger = [(grad_sq, self._note_grad_sq)]
+        self._settled = False
+        # A good step relaxes the boost from earlier failures; failures raise it again when
+        # the read-back counts them (a skipped step restores it, then doubles it).
+        self._boost_before = self.damping_boost
+        self.damping_boost = max(1.0, self.damping_boost * 0.5)
+        self._boost_at_start = self.damping_boost
+        self._doublings = 0
+
+    def _note(self, flag: Tensor, on_host: Callable[[float], None]) -> None:
+        """Registers a device value of this step; ``on_host(value)`` runs at the read-back.
+
+        Before the step's read-back the value is read with it (and ignored if the step is
+        skipped); after it, with the next step's read-back (or when :meth:`_flush` is called).
+        """
+        (self._deferred if self._settled else self._ledger).append((flag, on_host))
+
+    def _note_grad_sq(self, value: float) -> None:
+        self._grad_sq_host = value
+
+    def _read_back(self, entries: list[tuple[Tensor, Callable[[float], None]]]) -> list[float]:
+        """ONE host synchronisation for all ``entries``."""
+        if not entries:
+            return []
+        device = entries[0][0].device
+        stacked = torch.stack(
+            [t.detach().to(device=device, dtype=torch.float64).reshape(()) for t, _ in entries]
+        )
+        return stacked.tolist()
+
+    def _settle(self) -> bool:
+        """The step's single host synchronisation: reads the gradient norm and every flag
+        noted so far (rejected statistics, inverse failures, ...), updates the host counters
+        and warnings, and returns whether the step goes on (False: non-finite gradient, the
+        step is skipped). Idempotent within a step."""
+        if self._settled:
+            return bool(self._step_ok_host)
+        deferred, self._deferred = self._deferred, []
+        entries, self._ledger = deferred + self._ledger, []
+        values = self._read_back(entries)
+        self._settled = True
+        for (_, on_host), value in zip(entries[: len(deferred)], values, strict=False):
+            on_host(value)
+        mine = list(zip(entries[len(deferred) :], values[len(deferred) :], strict=True))
+        (_, first), grad_sq = mine[0]
+        first(grad_sq)
+        self._step_ok_host = math.isfinite(grad_sq)
+        if not self._step_ok_host:
+            self.damping_boost = self._boost_before
+            self._skip_step(self._require_attached())
+            return False
+        for (_, on_host), value in mine[1:]:
+            on_host(value)
+        return True
+
+    def _flush(self) -> None:
+        """Reads back values noted after the last step's read-back (outside ``step()``)."""
+        if self._settled and self._deferred:
+            entries, self._deferred = self._deferred, []
+            for (_, on_host), value in zip(entries, self._read_back(entries), strict=True):
+                on_host(value)
 
     def _warn_unfrozen(self) -> None:
         """Names a layer that was frozen at attach and trains now (it has no block)."""
@@ -405,7 +507,7 @@ class GRNGOptimizer(Optimizer):
             f"{type(self).__name__}: non-finite gradient at step {self.grng_step}; the step was "
             f"skipped ({self.skipped_steps} so far) and damping raised {self.damping_boost:g}x.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
     def _absorb_statistics(self, capture: CurvatureCapture, grad_of: dict[Tensor, Tensor]) -> None:
@@ -420,9 +522,20 @@ class GRNGOptimizer(Optimizer):
                 continue  # its gradient was cleared (or never came): so are its statistics
             if not acc.complete:
                 self._warn_silent_block(key, block, capture)
-            elif not self._update_block(key, block, acc):
+                continue
+            accepted = self._update_block(key, block, acc)
+            if isinstance(accepted, Tensor):
+                self._note(~accepted, self._rejection_counter(block))
+            elif not accepted:
                 self._reject_statistics(block)
         capture.reset()
+
+    def _rejection_counter(self, block: KroneckerBlock) -> Callable[[float], None]:
+        def count(rejected: float) -> None:
+            if rejected:
+                self._reject_statistics(block)
+
+        return count
 
     def _complete_partial_window(self, capture: CurvatureCapture) -> None:
         """Rescales G of a window that ended after fewer backward passes than the loop divides
@@ -489,18 +602,20 @@ class GRNGOptimizer(Optimizer):
         directions: dict[Tensor, Tensor],
         grad_of: dict[Tensor, Tensor],
         group_of: dict[Tensor, dict[str, Any]],
-    ) -> float:
-        """KL-clip: ``min(1, sqrt(c / Σ lr² ⟨U, g⟩))``; bounds the step's predicted KL change."""
+    ) -> float | Tensor:
+        """KL-clip: ``min(1, sqrt(c / Σ lr² ⟨U, g⟩))``; bounds the step's predicted KL change.
+
+        A float64 0-dim tensor on the device (no host sync); 1 where ``Σ`` is 0 or not finite.
+        """
         if self.kl_clip is None:
             return 1.0
-        vg = _total(
+        vg = _device_total(
             group_of[p]["lr"] ** 2 * (directions[p].double() * g.double()).sum()
             for p, g in grad_of.items()
-        )
-        vg = abs(vg)
-        if vg == 0.0 or not math.isfinite(vg):
-            return 1.0
-        return min(1.0, math.sqrt(self.kl_clip / vg))
+        ).abs()
+        usable = (vg > 0.0) & torch.isfinite(vg)
+        scale = torch.sqrt(self.kl_clip / torch.where(usable, vg, torch.ones_like(vg)))
+        return torch.where(usable, scale.clamp(max=1.0), torch.ones_like(vg))
 
     def _apply(self, directions: dict[Tensor, Tensor], scale: float) -> None:
         for group in self.param_groups:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_grng.curvature.block import KroneckerBlock
 from lightning_grng.curvature.capture import FactorAccumulator, LossReduction
-from lightning_grng.curvature.inverse import working_dtype
+from lightning_grng.curvature.inverse import batched_spd_eigh, working_dtype
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
 from lightning_grng.optim.base import GRNGOptimizer, ParamsT
 from lightning_grng.optim.validation import check_choice, check_int, check_range
@@ -74,6 +75,9 @@ class KFAC(GRNGOptimizer):
         )
         self._factors: dict[str, KroneckerFactors] = {}
         self.inverse_failures = 0
+        #: Stagger the blocks' inverse refreshes over ``inverse_every`` steps (see
+        #: :meth:`_refresh_due`); False refreshes every block on the same step.
+        self.stagger = True
 
     def _new_accumulator(self, block: KroneckerBlock) -> FactorAccumulator:
         return FactorAccumulator()
@@ -84,28 +88,71 @@ class KFAC(GRNGOptimizer):
             self._factors[key] = KroneckerFactors(working_dtype(self._blocks[key].weight.dtype))
         return self._factors[key]
 
-    def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> bool:
+    def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> Tensor:
         A, G = accumulator.averaged(LossReduction(self.loss_reduction))
-        if not (A.isfinite().all() and G.isfinite().all()):
-            return False
-        self.factors(key).update(A, G, self.ema_decay)
-        return True
+        # Non-finite statistics (and a step that turns out skipped) leave the factors as they
+        # were; decided on the device, counted at the step's read-back.
+        return self.factors(key).update(A, G, self.ema_decay, accept=self._step_ok)
 
-    def _refresh(self, grad_sq_norm: float) -> None:
-        scheduled = self.grng_step % self.inverse_every == 0
+    def _refresh_due(self, index: int) -> bool:
+        """Whether the ``index``-th block refreshes its inverse at this step.
+
+        Staggered: block i refreshes when ``(step + ⌊i·T/B⌋) mod T == 0`` (T = inverse_every,
+        B = blocks), so each step pays for about B/T blocks instead of all B every T steps.
+        """
+        offset = index * self.inverse_every // max(len(self._blocks), 1) if self.stagger else 0
+        return (self.grng_step + offset) % self.inverse_every == 0
+
+    def _refresh(self, grad_sq_norm: Tensor) -> None:
         group_of = {p: g for g in self.param_groups for p in g["params"]}
-        for key, block in self._blocks.items():
+        due: list[tuple[str, KroneckerBlock, KroneckerFactors]] = []
+        for index, (key, block) in enumerate(self._blocks.items()):
             factors = self._factors.get(key)
-            if factors is None or factors.updates == 0 or (factors.ready and not scheduled):
+            if factors is None or factors.updates == 0:
                 continue
-            damping = self._effective_damping(group_of[block.weight], grad_sq_norm)
-            if not factors.refresh(self.inverse, damping, self.newton_iters):
-                # Keep the last good preconditioner; make the next one better conditioned.
-                self.inverse_failures += 1
-                self._raise_damping()
+            if not factors.ready or self._refresh_due(index):  # the first one is immediate
+                due.append((key, block, factors))
+        if self.inverse is InverseMethod.EIGH:
+            failed = self._refresh_eigh([f for _, _, f in due])
+        else:
+            failed = []
+            for _, block, factors in due:
+                damping = self._effective_damping(group_of[block.weight], grad_sq_norm)
+                failed.append(
+                    factors.refresh(self.inverse, damping, self.newton_iters, self._step_ok)
+                )
+                if factors.unusable is not None:
+                    self._note(factors.unusable, self._cold_start_setter(factors))
+        for flag in failed:
+            self._note(flag, self._count_inverse_failure)
+
+    def _refresh_eigh(self, due: list[KroneckerFactors]) -> list[Tensor]:
+        """Eigendecompositions of all due factors, batched by size (one call per size)."""
+        inputs = [f.eigh_inputs() for f in due]
+        try:
+            eigs = batched_spd_eigh([m for A, G, _ in inputs for m in (A, G)])
+        except torch.linalg.LinAlgError:  # even the float64 retry: one block at a time
+            return [f.refresh(InverseMethod.EIGH, 0.0, 0, self._step_ok) for f in due]
+        return [
+            f.install_eigh(eigs[2 * i], eigs[2 * i + 1], ok, self._step_ok)
+            for i, (f, (_, _, ok)) in enumerate(zip(due, inputs, strict=True))
+        ]
+
+    def _count_inverse_failure(self, failed: float) -> None:
+        if failed:
+            # The last good preconditioner was kept; make the next one better conditioned.
+            self.inverse_failures += 1
+            self._raise_damping()
+
+    @staticmethod
+    def _cold_start_setter(factors: KroneckerFactors) -> Any:
+        def set_cold(unusable: float) -> None:
+            factors.cold_next = bool(unusable)
+
+        return set_cold
 
     def _precondition_block(
-        self, key: str, block: KroneckerBlock, V: Tensor, group: dict[str, Any], grad_sq: float
+        self, key: str, block: KroneckerBlock, V: Tensor, group: dict[str, Any], grad_sq: Tensor
     ) -> Tensor | None:
         factors = self._factors.get(key)
         if factors is None or not factors.ready:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from torch import Tensor
+
 from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, ParamsT
 from lightning_grng.optim.kfac import KFAC
 
@@ -77,5 +79,5 @@ class RING(KFAC):
         )
         self._add_group_default("rho", self._check_group_value("rho", rho))
 
-    def _effective_damping(self, group: dict[str, Any], grad_sq_norm: float) -> float:
+    def _effective_damping(self, group: dict[str, Any], grad_sq_norm: float | Tensor) -> Any:
         return (group["damping"] + group["rho"] * grad_sq_norm) * self.damping_boost
