@@ -181,10 +181,14 @@ class Measurement:
     samples: int
 
     def finite(self) -> bool:
+        return bool(self.finite_mask())
+
+    def finite_mask(self) -> Tensor:
+        """Whether every part is finite, as a 0-dim bool tensor on the device (no sync)."""
         parts = [self.U_A, self.trace_a]
         if self.U_G is not None and self.trace_g is not None:
             parts += [self.U_G, self.trace_g]
-        return all(bool(torch.isfinite(p).all()) for p in parts)
+        return torch.stack([torch.isfinite(p).all() for p in parts]).all()
 
 
 class KalmanAccumulator:
@@ -375,7 +379,7 @@ class KalmanFactors:
     # ------------------------------------------------------------------ floors
     def floors(
         self,
-        damping: float,
+        damping: float | Tensor,
         observation_noise: float | None,
         mean_A: Tensor,
         mean_G: Tensor | None,
@@ -385,26 +389,27 @@ class KalmanFactors:
         Estimated output noise: ``δ_A = π√λ`` and ``δ_G = √λ/π`` with
         ``π = sqrt(mean_A / mean_G)`` (Martens & Grosse 2015, §6.3), so ``δ_A·δ_G = λ``. Known
         noise σ²: ``Λ̄_G = I/σ²`` and ``δ_A = λσ²``, because
-        ``(Λ̄_A + λσ²I) ⊗ I/σ² = Λ̄_A ⊗ I/σ² + λI``.
+        ``(Λ̄_A + λσ²I) ⊗ I/σ² = Λ̄_A ⊗ I/σ² + λI``. ``damping`` may be a 0-dim tensor.
         """
         tiny = torch.finfo(self.dtype).tiny
         if observation_noise is not None:
-            return torch.full_like(mean_A, damping * observation_noise).clamp_min(tiny), None
+            return (torch.ones_like(mean_A) * (damping * observation_noise)).clamp_min(tiny), None
         assert mean_G is not None
         pi = torch.sqrt(mean_A.clamp_min(tiny) / mean_G.clamp_min(tiny))
-        root = math.sqrt(damping)
+        root = torch.sqrt(damping) if isinstance(damping, Tensor) else math.sqrt(damping)
         return (pi * root).clamp_min(tiny), (root / pi).clamp_min(tiny)
 
-    def _apply_floor(
-        self, P: Tensor, lo: Tensor, c: Tensor, tol: float
-    ) -> tuple[Tensor, Tensor, int, int]:
-        """``Λ̄ ← Λ̄ + cI`` given ``‖P‖ <= 1/lo``; returns ``(P, lo, pieces, resets)``.
+    @staticmethod
+    def _plan_floor(P: Tensor, lo: Tensor, c: Tensor) -> dict[str, Any]:
+        """The device half of ``Λ̄ ← Λ̄ + cI`` given ``‖P‖ <= 1/lo`` (see :meth:`_apply_floor`).
 
         The increment is split into pieces with ``c_j·‖P_j‖ <= 1/2`` (the bound improves by
-        ``c_j`` after each), each applied by :func:`add_floor` with :func:`floor_terms` terms.
-        A group whose increment exceeds what :data:`MAX_FLOOR_PIECES` pieces can add (the floor
-        jumps ~10x at once: the statistics changed scale abruptly, so the old information is
-        inconsistent with the new floor anyway) is reset to ``I/(lo + c)`` and counted.
+        ``c_j`` after each). A group whose increment exceeds what :data:`MAX_FLOOR_PIECES`
+        pieces can add (the floor jumps ~10x at once: the statistics changed scale abruptly,
+        so the old information is inconsistent with the new floor anyway) is reset to
+        ``I/(lo + c)`` here. All :data:`MAX_FLOOR_PIECES` candidate pieces are computed (tiny
+        per-group vectors); which ones are needed, and each one's ratio (its series length),
+        are host values read back with the optimizer's step flags.
         """
         # ‖P‖₂ <= 1/lo holds in exact arithmetic; ‖P‖_∞ keeps it valid under rounding, and
         # no valid bound exceeds 1/max diag(P).
@@ -412,33 +417,49 @@ class KalmanFactors:
         lo = torch.minimum(torch.maximum(lo, 1.0 / inf_norm(P)), 1.0 / diag_max)
         growth = (1.0 + MAX_FLOOR_RATIO) ** MAX_FLOOR_PIECES - 1.0
         reset = c > growth * lo
-        resets = int(reset.sum())
-        if resets:
-            eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-            fresh = eye / (lo + c)[..., None, None]
-            P = torch.where(reset[..., None, None], fresh, P)
-            lo = torch.where(reset, lo + c, lo)
-            c = torch.where(reset, torch.zeros_like(c), c)
-        pieces = 0
-        while bool((c > 0).any()):
+        eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+        P = torch.where(reset[..., None, None], eye / (lo + c)[..., None, None], P)
+        lo = torch.where(reset, lo + c, lo)
+        c = torch.where(reset, torch.zeros_like(c), c)
+        pieces, active, ratios = [], [], []
+        for _ in range(MAX_FLOOR_PIECES):
             piece = torch.minimum(c, MAX_FLOOR_RATIO * lo)
-            ratio = float((piece / lo).max())
-            P = add_floor(P, piece, floor_terms(ratio, tol))
+            active.append((c > 0).any())
+            ratios.append((piece / lo).max())
+            pieces.append(piece)
             lo, c = lo + piece, c - piece
-            pieces += 1
-            if pieces >= MAX_FLOOR_PIECES:  # only rounding can leave a remainder here
+        return {"P": P, "lo": lo, "pieces": pieces, "active": active, "ratios": ratios,
+                "resets": reset.sum()}  # fmt: skip
+
+    def _apply_floor(
+        self, P: Tensor, lo: Tensor, c: Tensor, tol: float
+    ) -> tuple[Tensor, Tensor, int, int]:
+        """``Λ̄ ← Λ̄ + cI`` given ``‖P‖ <= 1/lo``; returns ``(P, lo, pieces, resets)``.
+
+        Host-synchronous convenience form of :meth:`_plan_floor` + :func:`add_floor` (one
+        read-back); the optimizer reads the plan with its step flags instead.
+        """
+        plan = self._plan_floor(P, lo, c)
+        values = torch.stack(
+            [torch.stack(plan["active"]).to(plan["lo"].dtype), torch.stack(plan["ratios"])]
+        ).tolist()
+        P, n = plan["P"], 0
+        for piece, active, ratio in zip(plan["pieces"], values[0], values[1], strict=True):
+            if not active:
                 break
-        return P, lo, pieces, resets
+            P = add_floor(P, piece, floor_terms(ratio, tol))
+            n += 1
+        return P, plan["lo"], n, int(plan["resets"])
 
     # ------------------------------------------------------------------ the update
     def update(
         self,
         meas: Measurement,
         *,
-        information: float,
+        information: float | Tensor,
         forgetting: float,
-        damping: float,
-        gr_damping: float = 0.0,
+        damping: float | Tensor,
+        gr_damping: float | Tensor = 0.0,
         prior_count: float | None = None,
         observation_noise: float | None = None,
         floor_tol: float = 1e-3,
@@ -446,6 +467,9 @@ class KalmanFactors:
         """One filter update. Returns False and keeps the last good state when the result is
         not finite or has a non-positive diagonal (counted in ``failures``); a state that is
         itself corrupted (e.g. loaded from a bad checkpoint) restarts from the prior.
+
+        Host-synchronous convenience form of :meth:`prepare`, :meth:`commit` and
+        :meth:`finish` (the optimizer reads the plan back with its step's flags instead).
 
         Args:
             meas: the step's measurement.
@@ -459,105 +483,175 @@ class KalmanFactors:
             observation_noise: σ² when the output noise is known (then ``P_G = σ²I``).
             floor_tol: relative accuracy of each floor increment (see :func:`add_floor`).
         """
+        plan = self.prepare(
+            meas, information=information, forgetting=forgetting, damping=damping,
+            gr_damping=gr_damping, prior_count=prior_count,
+            observation_noise=observation_noise,
+        )  # fmt: skip
+        values = torch.stack([t.to(torch.float64) for t in plan["readback"]]).tolist()
+        ok = self.commit(plan, values, floor_tol)
+        return self.finish(plan, bool(ok))
+
+    def prepare(
+        self,
+        meas: Measurement,
+        *,
+        information: float | Tensor,
+        forgetting: float,
+        damping: float | Tensor,
+        gr_damping: float | Tensor = 0.0,
+        prior_count: float | None = None,
+        observation_noise: float | None = None,
+    ) -> dict[str, Any]:
+        """The device half of one filter update: predict, floors to add and their piece plan,
+        the corrupted-state restart (decided by mask). No host read-back; the host values it
+        needs are the tensors in ``plan["readback"]``, to be passed to :meth:`commit`."""
         dtype = self.dtype
         known = observation_noise is not None
         U_A, trace_A = meas.U_A.to(dtype), meas.trace_a.to(dtype)
         groups, n_in, n_out = U_A.shape[0], U_A.shape[-2], meas.n_out
+        device = U_A.device
         U_G = trace_G = None
         if not known:
             assert meas.U_G is not None and meas.trace_g is not None
             U_G, trace_G = meas.U_G.to(dtype), meas.trace_g.to(dtype)
-        if self.ready and not (_sane(self.P_A) and _sane(self.P_G)):  # type: ignore[arg-type]
+        f64 = torch.float64
+        info = torch.as_tensor(information, dtype=f64, device=device)
+        if prior_count is None:
+            if forgetting >= 1.0:
+                raise ValueError("prior_count is required when forgetting = 1")
+            fresh_count = info / (1.0 - forgetting)
+        else:
+            fresh_count = torch.tensor(float(prior_count), dtype=f64, device=device)
+        prior = self._prior_state(
+            trace_A, trace_G, groups, n_in, n_out, damping, observation_noise
+        )
+        if self.ready:
+            assert self.P_A is not None and self.P_G is not None
             # A corrupted state cannot heal by updates (NaN stays NaN): restart from the prior.
-            self.failures += 1
-            self.P_A = self.P_G = None
-        if not self.ready:
-            self._initialize(
-                trace_A, trace_G, groups, n_in, n_out, information, forgetting, damping,
-                prior_count, observation_noise,
-            )  # fmt: skip
-        assert self.P_A is not None and self.P_G is not None
-        assert self.mean_A is not None and self.lo_A is not None
+            sane = _sane_mask(self.P_A) & _sane_mask(self.P_G)
+            base = {
+                k: (None if v is None else torch.where(_expand(sane, v), getattr(self, k), v))
+                for k, v in prior.items()
+            }
+            held = torch.tensor([self.prior_count, self.count], dtype=f64, device=device)
+            prior_n = torch.where(sane, held[0], fresh_count)
+            count_n = torch.where(sane, held[1], fresh_count)
+        else:
+            sane = torch.ones((), dtype=torch.bool, device=device)
+            base, prior_n, count_n = prior, fresh_count, fresh_count
 
-        count = forgetting * self.count + information
-        gain = information / count
+        count = forgetting * count_n + info
+        gain = info / count
         keep = 1.0 - gain
-        prior_weight = (1.0 - forgetting) * self.prior_count / count
-        mean_A = keep * self.mean_A + gain * trace_A / n_in
+        prior_weight = (1.0 - forgetting) * prior_n / count
+        gain_, keep_, prior_weight_ = (x.to(dtype) for x in (gain, keep, prior_weight))
+        mean_A = keep_ * base["mean_A"] + gain_ * trace_A / n_in
         mean_G = None
         if not known:
-            assert self.mean_G is not None and trace_G is not None
-            mean_G = keep * self.mean_G + gain * trace_G / n_out
+            assert base["mean_G"] is not None and trace_G is not None
+            mean_G = keep_ * base["mean_G"] + gain_ * trace_G / n_out
         prior_A, prior_G = self.floors(damping, observation_noise, mean_A, mean_G)
         total_A, total_G = self.floors(damping + gr_damping, observation_noise, mean_A, mean_G)
-        inc_A = prior_weight * prior_A + gain * (total_A - prior_A)
+        inc_A = prior_weight_ * prior_A + gain_ * (total_A - prior_A)
         inc_G = None
         if prior_G is not None and total_G is not None:
-            inc_G = prior_weight * prior_G + gain * (total_G - prior_G)
+            inc_G = prior_weight_ * prior_G + gain_ * (total_G - prior_G)
 
-        new: dict[str, Any] = {"mean_A": mean_A, "mean_G": mean_G}
-        pieces = resets = 0
+        sides: dict[str, Any] = {}
+        readback = [sane, count, prior_n]
         for side, U, inc in (("A", U_A, inc_A), ("G", U_G, inc_G)):
             if U is None or inc is None:
                 continue
-            P, lo = predict(getattr(self, f"P_{side}"), keep), getattr(self, f"lo_{side}") * keep
+            P, lo = predict(base[f"P_{side}"], keep_), base[f"lo_{side}"] * keep_
             # The relative floor is kept as a hard lower bound of λ_min(Λ̄).
-            hard = relative_floor(U.shape[-2], dtype) * new[f"mean_{side}"]
-            c = torch.maximum(inc, hard - lo)
-            P, lo, n_pieces, n_resets = self._apply_floor(P, lo, c, floor_tol)
-            pieces, resets = pieces + n_pieces, resets + n_resets
-            new[f"P_{side}"] = symmetrize(woodbury_update(P, U, 1.0 / gain))
-            new[f"lo_{side}"] = lo
+            hard = relative_floor(U.shape[-2], dtype) * (mean_A if side == "A" else mean_G)
+            floor = self._plan_floor(P, lo, torch.maximum(inc, hard - lo))
+            sides[side] = {"U": U, **floor}
+            readback += [*floor["active"], *floor["ratios"], floor["resets"]]
+        return {"base": base, "mean_A": mean_A, "mean_G": mean_G, "gain": gain_, "sides": sides,
+                "readback": readback}  # fmt: skip
 
-        if not all(_sane(new[k]) for k in ("P_A", "P_G") if k in new):
+    def commit(self, plan: dict[str, Any], values: list[float], floor_tol: float) -> Tensor:
+        """The second half of :meth:`update`, given the host ``values`` of
+        ``plan["readback"]``: applies the floor pieces, the measurement, and keeps the last good
+        state where the result is not sane (decided on the device). Returns that flag; pass
+        its host value to :meth:`finish`."""
+        sane, count, prior_n, *rest = values
+        if not sane:
             self.failures += 1
-            return False
+        plan["count_before"] = self.count if sane else prior_n
+        self.count, self.prior_count = count, prior_n
+        base = plan["base"]
+        new: dict[str, Any] = {"mean_A": plan["mean_A"], "mean_G": plan["mean_G"]}
+        if "G" not in plan["sides"]:
+            new["P_G"], new["lo_G"] = base["P_G"], base["lo_G"]
+        pieces = resets = 0
+        offset = 0
+        for side, floor in plan["sides"].items():
+            active = rest[offset : offset + MAX_FLOOR_PIECES]
+            ratios = rest[offset + MAX_FLOOR_PIECES : offset + 2 * MAX_FLOOR_PIECES]
+            resets += round(rest[offset + 2 * MAX_FLOOR_PIECES])
+            offset += 2 * MAX_FLOOR_PIECES + 1
+            P = floor["P"]
+            for piece, on, ratio in zip(floor["pieces"], active, ratios, strict=True):
+                if not on:
+                    break
+                P = add_floor(P, piece, floor_terms(ratio, floor_tol))
+                pieces += 1
+            new[f"P_{side}"] = symmetrize(woodbury_update(P, floor["U"], 1.0 / plan["gain"]))
+            new[f"lo_{side}"] = floor["lo"]
+        ok = _sane_mask(new["P_A"]) & _sane_mask(new["P_G"])
         for key, value in new.items():
-            setattr(self, key, value)
-        self.count = count
+            old = base[key]
+            setattr(self, key, value if old is None else torch.where(_expand(ok, value), value, old))
+        # Booked as a success now; finish() undoes it if the flag turns out False.
+        plan["counters"] = (pieces, resets)
         self.updates += 1
         self.floor_pieces += pieces
         self.floor_resets += resets
-        return True
+        return ok
 
-    def _initialize(
+    def finish(self, plan: dict[str, Any], ok: bool) -> bool:
+        """Books the update once its result flag is known on the host: on failure, the
+        counters and the count go back to before the update (:meth:`commit` kept the state)."""
+        if not ok:
+            self.updates -= 1
+            self.floor_pieces -= plan["counters"][0]
+            self.floor_resets -= plan["counters"][1]
+            self.failures += 1
+            self.count = plan["count_before"]
+        return ok
+
+    def _prior_state(
         self,
         trace_A: Tensor,
         trace_G: Tensor | None,
         groups: int,
         n_in: int,
         n_out: int,
-        information: float,
-        forgetting: float,
-        damping: float,
-        prior_count: float | None,
+        damping: float | Tensor,
         observation_noise: float | None,
-    ) -> None:
-        """The prior: ``Λ̄_A,0 = δ_A I``, ``Λ̄_G,0 = δ_G I`` (floors of the first statistics) and
-        ``N = N₀``, i.e. prior precision ``N₀ δ_A δ_G = N₀ λ`` on the weights."""
-        if prior_count is None:
-            if forgetting >= 1.0:
-                raise ValueError("prior_count is required when forgetting = 1")
-            prior_count = information / (1.0 - forgetting)
-        self.prior_count = self.count = float(prior_count)
+    ) -> dict[str, Tensor | None]:
+        """The prior: ``Λ̄_A,0 = δ_A I``, ``Λ̄_G,0 = δ_G I`` (floors of the first statistics);
+        with ``N = N₀`` the prior precision on the weights is ``N₀ δ_A δ_G = N₀ λ``."""
         device = trace_A.device
-        self.mean_A = trace_A / n_in
-        self.mean_G = None if trace_G is None else trace_G / n_out
-        delta_A, delta_G = self.floors(damping, observation_noise, self.mean_A, self.mean_G)
-        delta_A = torch.maximum(delta_A, relative_floor(n_in, self.dtype) * self.mean_A)
-        if delta_G is not None and self.mean_G is not None:
-            delta_G = torch.maximum(delta_G, relative_floor(n_out, self.dtype) * self.mean_G)
+        mean_A = trace_A / n_in
+        mean_G = None if trace_G is None else trace_G / n_out
+        delta_A, delta_G = self.floors(damping, observation_noise, mean_A, mean_G)
+        delta_A = torch.maximum(delta_A, relative_floor(n_in, self.dtype) * mean_A)
+        if delta_G is not None and mean_G is not None:
+            delta_G = torch.maximum(delta_G, relative_floor(n_out, self.dtype) * mean_G)
         eye_A = torch.eye(n_in, dtype=self.dtype, device=device).expand(groups, n_in, n_in)
         eye_G = torch.eye(n_out, dtype=self.dtype, device=device).expand(groups, n_out, n_out)
-        self.P_A = eye_A / delta_A[..., None, None]
-        self.lo_A = delta_A.clone()
+        state: dict[str, Tensor | None] = {"mean_A": mean_A, "mean_G": mean_G}
+        state["P_A"], state["lo_A"] = eye_A / delta_A[..., None, None], delta_A.clone()
         if observation_noise is not None:
-            self.P_G = eye_G * float(observation_noise)
-            self.lo_G = None
+            state["P_G"], state["lo_G"] = eye_G * float(observation_noise), None
         else:
             assert delta_G is not None
-            self.P_G = eye_G / delta_G[..., None, None]
-            self.lo_G = delta_G.clone()
+            state["P_G"], state["lo_G"] = eye_G / delta_G[..., None, None], delta_G.clone()
+        return state
 
     # ------------------------------------------------------------------ use
     def precondition(self, V: Tensor) -> Tensor:
@@ -597,6 +691,12 @@ class KalmanFactors:
             self.dtype = self.P_A.dtype
 
 
-def _sane(P: Tensor) -> bool:
-    """Finite with a positive diagonal: necessary for SPD, O(n²), no decomposition."""
-    return bool(torch.isfinite(P).all()) and bool((torch.diagonal(P, dim1=-2, dim2=-1) > 0).all())
+def _sane_mask(P: Tensor) -> Tensor:
+    """Finite with a positive diagonal (0-dim bool on the device): necessary for SPD, O(n²),
+    no decomposition."""
+    return torch.isfinite(P).all() & (torch.diagonal(P, dim1=-2, dim2=-1) > 0).all()
+
+
+def _expand(flag: Tensor, like: Tensor) -> Tensor:
+    """A 0-dim flag viewed with as many dimensions as ``like`` (for ``torch.where``)."""
+    return flag.reshape((1,) * like.dim())

@@ -179,7 +179,7 @@ class KroneckerFactors:
             return self.install_eigh(eig_A, eig_G, inputs_ok, accept)
         A, G, inputs_ok = self._safe_factors()
         pi = pi_split(A, G)
-        root = damping**0.5
+        root = torch.sqrt(damping) if isinstance(damping, Tensor) else math.sqrt(damping)
         M_A = _add_to_diagonal(A, pi * root)
         M_G = _add_to_diagonal(G, root / pi)
         cold = self.cold_next or self.inv_A is None or self.inv_A.shape != A.shape

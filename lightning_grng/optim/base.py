@@ -439,8 +439,12 @@ class GRNGOptimizer(Optimizer):
         entries, self._ledger = deferred + self._ledger, []
         values = self._read_back(entries)
         self._settled = True
+        doublings = self._doublings
         for (_, on_host), value in zip(entries[: len(deferred)], values, strict=False):
-            on_host(value)
+            on_host(value)  # the previous step's late flags (e.g. a rejected filter result)
+        self._boost_before = min(
+            self._boost_before * 2.0 ** (self._doublings - doublings), _MAX_DAMPING_BOOST
+        )
         mine = list(zip(entries[len(deferred) :], values[len(deferred) :], strict=True))
         (_, first), grad_sq = mine[0]
         first(grad_sq)

@@ -154,6 +154,7 @@ class RKalman(GRNGOptimizer):
         self._add_group_default("rho", self._check_group_value("rho", rho))
         self._filters: dict[str, KalmanFactors] = {}
         self._pending: dict[str, Measurement] = {}
+        self._accepted: dict[str, bool] = {}
         self._step_gain: dict[str, float] = {}
 
     # ------------------------------------------------------------------ statistics
@@ -183,14 +184,16 @@ class RKalman(GRNGOptimizer):
     @property
     def filter_failures(self) -> int:
         """Filter updates rejected (non-finite or non-positive result) over all blocks."""
+        self._flush()
         return sum(f.failures for f in self._filters.values())
 
-    def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> bool:
+    def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> Tensor:
         meas = accumulator.measurement(LossReduction(self.loss_reduction) is LossReduction.MEAN)
-        if not meas.finite():
-            return False
+        finite = meas.finite_mask()
+        # Absorbed after the step's read-back, and only if finite (see _refresh).
         self._pending[key] = meas
-        return True
+        self._note(finite, lambda value: self._accepted.__setitem__(key, bool(value)))
+        return finite
 
     def _information(self, meas: Measurement) -> float:
         """c: one unit per update for a mean-reduced loss, one per sample for a sum."""
@@ -198,33 +201,41 @@ class RKalman(GRNGOptimizer):
             return float(max(meas.samples, 1))
         return 1.0
 
-    def _noise_weight(self, group: dict[str, Any], grad_sq_norm: float) -> float:
+    def _noise_weight(self, group: dict[str, Any], grad_sq_norm: float | Tensor) -> Any:
         """``1/(1 + ρ‖g‖²)`` in ``"noise"`` mode (the batch's information and mean step)."""
         if self.rho_mode is RhoMode.NOISE and group["rho"] > 0.0:
             return 1.0 / (1.0 + group["rho"] * grad_sq_norm)
         return 1.0
 
-    def _gr_damping(self, group: dict[str, Any], grad_sq_norm: float) -> float:
+    def _gr_damping(self, group: dict[str, Any], grad_sq_norm: float | Tensor) -> Any:
         """``ρ‖g‖²`` in ``"damping"`` mode (the GR curvature absorbed with the batch), else 0."""
-        if self.rho_mode is RhoMode.DAMPING:
+        if self.rho_mode is RhoMode.DAMPING and group["rho"] > 0.0:
             return group["rho"] * grad_sq_norm
         return 0.0
 
-    def _effective_damping(self, group: dict[str, Any], grad_sq_norm: float) -> float:
+    def _effective_damping(self, group: dict[str, Any], grad_sq_norm: float | Tensor) -> Any:
         """The product floor of this update, ``λ (+ ρ‖g‖²)``, times the failure boost."""
         return (group["damping"] + self._gr_damping(group, grad_sq_norm)) * self.damping_boost
 
-    def _refresh(self, grad_sq_norm: float) -> None:
-        """Runs the filter update of every block measured this step."""
+    def _refresh(self, grad_sq_norm: Tensor) -> None:
+        """Runs the filter update of every block measured this step.
+
+        In two halves around the step's single read-back: :meth:`KalmanFactors.prepare` on the
+        device for every block (its floor plan is read back with the step's flags), then
+        :meth:`KalmanFactors.commit` with the host values. A result that is not sane keeps the
+        last good state on the device; it is counted (and the damping raised) at the next
+        read-back.
+        """
         pending, self._pending = self._pending, {}
         group_of = {p: g for g in self.param_groups for p in g["params"]}
+        plans: dict[str, tuple[KalmanFactors, dict[str, Any], list[float]]] = {}
         for key, meas in pending.items():
             block = self._blocks[key]
             group = group_of[block.weight]
             state = self._filters.get(key)
             if state is None:
                 state = KalmanFactors(working_dtype(block.weight.dtype))
-            ok = state.update(
+            plan = state.prepare(
                 meas,
                 information=self._information(meas) * self._noise_weight(group, grad_sq_norm),
                 forgetting=self.forgetting,
@@ -232,25 +243,41 @@ class RKalman(GRNGOptimizer):
                 gr_damping=self._gr_damping(group, grad_sq_norm) * self.damping_boost,
                 prior_count=self.prior_count,
                 observation_noise=self.observation_noise,
-                floor_tol=self.floor_tol,
             )
+            values: list[float] = []
+            for tensor in plan["readback"]:
+                self._note(tensor, values.append)
+            plans[key] = (state, plan, values)
+        if not self._settle():
+            return
+        accepted, self._accepted = self._accepted, {}
+        for key, (state, plan, values) in plans.items():
+            if not accepted.get(key, False):
+                continue  # non-finite statistics: rejected (counted at the read-back)
+            ok = state.commit(plan, values, self.floor_tol)
             if state.ready:
                 self._filters[key] = state
-            if not ok:
-                # Keep the last good filter; make the next update better conditioned.
+            self._note(ok, self._filter_outcome(state, plan))
+
+    def _filter_outcome(self, state: KalmanFactors, plan: dict[str, Any]) -> Any:
+        def book(ok: float) -> None:
+            if not state.finish(plan, bool(ok)):
+                # The last good filter was kept; make the next update better conditioned.
                 self._raise_damping()
+
+        return book
 
     # ------------------------------------------------------------------ the mean step
     def _precondition_block(
-        self, key: str, block: KroneckerBlock, V: Tensor, group: dict[str, Any], grad_sq: float
+        self, key: str, block: KroneckerBlock, V: Tensor, group: dict[str, Any], grad_sq: Tensor
     ) -> Tensor | None:
         state = self._filters.get(key)
         if state is None or not state.ready:
             return None
-        gain = self._noise_weight(group, grad_sq) / state.count
-        if not math.isfinite(gain):
+        if not state.count > 0.0:
             return None
-        return state.precondition(V).mul_(gain)
+        # A non-finite gain gives a non-finite direction: the base falls back to the gradient.
+        return state.precondition(V).mul_(self._noise_weight(group, grad_sq) / state.count)
 
     # ------------------------------------------------------------------ checkpoints
     def _block_state(self, key: str) -> dict[str, Any]:
