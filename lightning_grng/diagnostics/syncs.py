@@ -31,6 +31,8 @@ SYNC_FUNCTIONS: dict[Callable[..., Any], str] = {
     Tensor.__index__: "index",
     Tensor.__complex__: "complex",
     Tensor.tolist: "tolist",
+    Tensor.__format__: "format",
+    Tensor.__repr__: "repr",
     Tensor.numpy: "numpy",
     Tensor.nonzero: "nonzero",
     torch.nonzero: "nonzero",

@@ -123,7 +123,7 @@ class GRNGOptimizer(Optimizer):
         self.damping_boost = 1.0
         #: Squared norm of the plain (unregularized) gradient when it differs from the one
         #: preconditioned (RENG); reported as ``grad_norm``.
-        self.plain_grad_sq: float | None = None
+        self.plain_grad_sq: float | Tensor | None = None
         #: Values of the last step, for loggers: grad_norm, damping, kl_scale, skipped_steps.
         self.diagnostics = {}
         # The step's device flags, read back together once per step (see _settle).

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, ParamsT, _total
+from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, ParamsT, _device_total
 from lightning_grng.optim.kfac import KFAC
 from lightning_grng.optim.validation import check_choice, check_range
 
@@ -157,7 +157,8 @@ class RENG(KFAC):
             loss = closure()
         params = [p for p in self.flat_params() if p.grad is not None]
         grads = [p.grad.detach().clone() for p in params]
-        norm = math.sqrt(self._record_plain_grad_norm(grads))
+        # The extra pass needs ε on the host: one more read-back in this mode.
+        norm = math.sqrt(float(self._record_plain_grad_norm(grads)))
         if norm == 0.0 or not math.isfinite(norm):
             return loss, grads
         eps = self.fd_eps / norm
@@ -182,8 +183,9 @@ class RENG(KFAC):
             g + (rho_of[p] / eps) * (s - g) for p, g, s in zip(params, grads, shifted, strict=True)
         ]
 
-    def _record_plain_grad_norm(self, grads: list[Tensor]) -> float:
-        sq = _total(g.detach().double().pow(2).sum() for g in grads)
+    def _record_plain_grad_norm(self, grads: list[Tensor]) -> Tensor:
+        """‖g‖² of the plain gradient, kept on the device (reported as ``grad_norm``)."""
+        sq = _device_total(g.detach().double().pow(2).sum() for g in grads)
         self.plain_grad_sq = sq
         return sq
 

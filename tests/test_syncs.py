@@ -1,0 +1,115 @@
+"""Host synchronisations per step: at most one, for every optimizer, on regular steps and on
+steps that absorb statistics or refresh inverses (counted, not timed)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_grng as lg
+from lightning_grng.diagnostics import SyncCounter, count_syncs
+
+SCHEDULE = dict(curvature_every=2)
+OPTIMIZERS = {
+    "KFAC-eigh": lambda p: lg.KFAC(p, inverse="eigh", inverse_every=3, **SCHEDULE),
+    "KFAC-newton": lambda p: lg.KFAC(p, inverse="newton", inverse_every=3, **SCHEDULE),
+    "RING-eigh": lambda p: lg.RING(p, inverse="eigh", inverse_every=3, **SCHEDULE),
+    "RING-newton": lambda p: lg.RING(p, inverse="newton", inverse_every=3, **SCHEDULE),
+    "RENG": lambda p: lg.RENG(p, inverse_every=3, **SCHEDULE),
+    "RENG-newton": lambda p: lg.RENG(p, inverse="newton", inverse_every=3, **SCHEDULE),
+    "RKalman": lambda p: lg.RKalman(p, **SCHEDULE),
+    "RKalman-noise": lambda p: lg.RKalman(p, rho_mode="noise", measurement="rows", **SCHEDULE),
+}
+
+
+def _models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16),
+        nn.Tanh(), nn.Linear(16, 5),
+    )  # fmt: skip
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 6 * 6, 5),
+    )  # fmt: skip
+    return {"mlp": mlp, "cnn": cnn}
+
+
+def _inputs(kind: str) -> torch.Tensor:
+    return torch.randn(16, 12) if kind == "mlp" else torch.randn(16, 1, 6, 6)
+
+
+def _syncs_per_step(name: str, kind: str, steps: int = 7, backward: str = "plain") -> list[int]:
+    model = _models()[kind]
+    opt = OPTIMIZERS[name](model.parameters())
+    lg.attach(model, opt)
+    counts = []
+    for _ in range(steps):
+        x, y = _inputs(kind), torch.randint(0, 5, (16,))
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if backward == "regularized":
+            lg.regularized_backward(loss, opt)
+        else:
+            loss.backward(create_graph=isinstance(opt, lg.RENG))
+        with SyncCounter() as counter:
+            opt.step()
+        counts.append(counter.total)
+    return counts
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_at_most_one_host_sync_per_step(name, kind):
+    counts = _syncs_per_step(name, kind)
+    # Steps 0, 2, 4, ... absorb statistics; with inverse_every=3 and staggering, refreshes fall
+    # on every step: the budget holds on regular, curvature and refresh steps alike.
+    assert max(counts) <= 1, counts
+
+
+def test_reng_regularized_backward_keeps_the_budget():
+    assert max(_syncs_per_step("RENG", "mlp", backward="regularized")) <= 1
+
+
+def test_failure_steps_keep_the_budget():
+    """A skipped step (non-finite gradient) and a failed refresh also read back once."""
+    model = _models()["mlp"]
+    opt = lg.KFAC(model.parameters(), curvature_every=1, inverse_every=1)
+    lg.attach(model, opt)
+    x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.factors("0").A[0, 0, 0] = float("nan")
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[2].weight.grad[0, 0] = float("inf")
+    with warnings.catch_warnings(), SyncCounter() as counter:
+        warnings.simplefilter("ignore")
+        opt.step()
+    assert counter.total <= 1 and opt.skipped_steps == 1
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with SyncCounter() as counter:
+        opt.step()
+    assert counter.total <= 1
+    assert opt.inverse_failures == 0  # the curvature step restarted the NaN factor first
+
+
+def test_counter_sees_every_kind_of_read_back():
+    t = torch.ones(3)
+    with count_syncs() as counter:
+        t.sum().item()
+        bool(t.all())
+        float(t[0])
+        int(t[1])
+        t.tolist()
+        t.nonzero()
+        torch.nonzero(t)
+        _ = t[t > 0]
+        torch.equal(t, t)
+        f"{t.sum():.1f}"
+        t.mul(2).add_(1)  # not a sync
+    assert counter.total == 10, dict(counter.by_kind)
