@@ -121,7 +121,12 @@ def cases(quick: bool) -> list[Case]:
             _images(cnn_batch, 10),
             _cls_loss,
         ),
-        Case("shakespeare_transformer", transformer(lm), _tokens(lm["batch"], lm["seq"], lm["vocab"]), _lm_loss),
+        Case(
+            "shakespeare_transformer",
+            transformer(lm),
+            _tokens(lm["batch"], lm["seq"], lm["vocab"]),
+            _lm_loss,
+        ),
         Case(
             "imdb_bag_of_embeddings",
             lambda: BagOfEmbeddings(imdb["vocab"]),

@@ -23,4 +23,5 @@ def test_device_check_quick_runs_on_cpu(tmp_path):
         assert r["ms_per_step"] > 0 and r["vs_adamw"] > 0
         if r["optimizer"] not in ("AdamW", "SOAP"):
             assert r["syncs_max"] <= 1, r
-    assert "| model | optimizer |" in md.read_text() and report["header"]["device"] in md.read_text()
+    text = md.read_text()
+    assert "| model | optimizer |" in text and report["header"]["device"] in text

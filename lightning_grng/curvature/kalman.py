@@ -523,9 +523,7 @@ class KalmanFactors:
             fresh_count = info / (1.0 - forgetting)
         else:
             fresh_count = torch.tensor(float(prior_count), dtype=f64, device=device)
-        prior = self._prior_state(
-            trace_A, trace_G, groups, n_in, n_out, damping, observation_noise
-        )
+        prior = self._prior_state(trace_A, trace_G, groups, n_in, n_out, damping, observation_noise)
         if self.ready:
             assert self.P_A is not None and self.P_G is not None
             # A corrupted state cannot heal by updates (NaN stays NaN): restart from the prior.
@@ -604,7 +602,8 @@ class KalmanFactors:
         ok = _sane_mask(new["P_A"]) & _sane_mask(new["P_G"])
         for key, value in new.items():
             old = base[key]
-            setattr(self, key, value if old is None else torch.where(_expand(ok, value), value, old))
+            kept = value if old is None else torch.where(_expand(ok, value), value, old)
+            setattr(self, key, kept)
         # Booked as a success now; finish() undoes it if the flag turns out False.
         plan["counters"] = (pieces, resets)
         self.updates += 1

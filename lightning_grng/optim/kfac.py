@@ -78,6 +78,11 @@ class KFAC(GRNGOptimizer):
         #: Stagger the blocks' inverse refreshes over ``inverse_every`` steps (see
         #: :meth:`_refresh_due`); False refreshes every block on the same step.
         self.stagger = True
+        #: ``(width, k)``: blocks with a factor at least ``width`` wide refresh their inverse
+        #: every ``k·inverse_every`` steps (the decomposition of a very wide factor, e.g. the
+        #: 785-wide input factor of an MNIST MLP, dominates the amortized step cost on a CPU;
+        #: ``docs/algorithms.md``). None (default): every block every ``inverse_every`` steps.
+        self.wide_refresh: tuple[int, int] | None = None
 
     def _new_accumulator(self, block: KroneckerBlock) -> FactorAccumulator:
         return FactorAccumulator()
@@ -94,14 +99,19 @@ class KFAC(GRNGOptimizer):
         # were; decided on the device, counted at the step's read-back.
         return self.factors(key).update(A, G, self.ema_decay, accept=self._step_ok)
 
-    def _refresh_due(self, index: int) -> bool:
+    def _refresh_due(self, index: int, block: KroneckerBlock) -> bool:
         """Whether the ``index``-th block refreshes its inverse at this step.
 
-        Staggered: block i refreshes when ``(step + ⌊i·T/B⌋) mod T == 0`` (T = inverse_every,
-        B = blocks), so each step pays for about B/T blocks instead of all B every T steps.
+        Staggered: block i refreshes when ``(step + ⌊i·T/B⌋) mod T == 0`` (T = its refresh
+        period, B = blocks), so each step pays for about B/T blocks instead of all B every T
+        steps. The period is ``inverse_every``, times ``wide_refresh[1]`` for a block with a
+        factor at least ``wide_refresh[0]`` wide (when :attr:`wide_refresh` is set).
         """
-        offset = index * self.inverse_every // max(len(self._blocks), 1) if self.stagger else 0
-        return (self.grng_step + offset) % self.inverse_every == 0
+        period = self.inverse_every
+        if self.wide_refresh is not None and max(block.n_in, block.n_out) >= self.wide_refresh[0]:
+            period *= self.wide_refresh[1]
+        offset = index * period // max(len(self._blocks), 1) if self.stagger else 0
+        return (self.grng_step + offset) % period == 0
 
     def _refresh(self, grad_sq_norm: Tensor) -> None:
         group_of = {p: g for g in self.param_groups for p in g["params"]}
@@ -110,7 +120,7 @@ class KFAC(GRNGOptimizer):
             factors = self._factors.get(key)
             if factors is None or factors.updates == 0:
                 continue
-            if not factors.ready or self._refresh_due(index):  # the first one is immediate
+            if not factors.ready or self._refresh_due(index, block):  # the first one is immediate
                 due.append((key, block, factors))
         if self.inverse is InverseMethod.EIGH:
             failed = self._refresh_eigh([f for _, _, f in due])

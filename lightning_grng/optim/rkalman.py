@@ -3,7 +3,6 @@ inverts the Fisher."""
 
 from __future__ import annotations
 
-import math
 from enum import Enum
 from typing import Any, ClassVar
 
