@@ -204,14 +204,19 @@ class Sharding:
         parts.append(torch.tensor([float(doublings)], dtype=dtype, device=first.device))
         buf = torch.cat(parts)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
-        out: dict[str, Tensor] = {}
-        offset = 0
-        for key, b in blocks.items():
+        spans, offset = [], 0
+        for b in blocks.values():
             size = b.groups * b.n_out * b.n_in
-            if float(buf[offset + size]) > 0.5:
-                out[key] = buf[offset : offset + size].view(b.groups, b.n_out, b.n_in)
+            spans.append((offset, size))
             offset += size + 1
-        return out, round(float(buf[-1]))
+        # The owners' flags and the doublings in one read-back (not one per block).
+        flag_at = torch.tensor([o + n for o, n in spans] + [buf.numel() - 1], device=buf.device)
+        *flags, total = buf[flag_at].tolist()
+        out: dict[str, Tensor] = {}
+        for (key, b), (start, size), flag in zip(blocks.items(), spans, flags, strict=True):
+            if flag > 0.5:
+                out[key] = buf[start : start + size].view(b.groups, b.n_out, b.n_in)
+        return out, round(total)
 
     def all_reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
         """Mean over ranks of a list of tensors, in one flat ``all_reduce``."""
