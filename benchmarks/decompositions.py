@@ -90,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         "single numbers can be noisy; ratios between columns are the stable part.",
         "",
         "| n | eigh | qr-power (1 it.) | ns-warm (check + "
-        f"{WARM_NEWTON_ITERS} it.) | ns-cold (30 it.) | NS it. a warm start needs (tol 1e-4) | "
-        "precondition (2 matmuls, n×n by n×n) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"{WARM_NEWTON_ITERS} it.) | ns-cold (30 it.) | NS it. a warm start needs (tol 1e-4) |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for n in SIZES:
         F, F_next = ema_factors(n)
