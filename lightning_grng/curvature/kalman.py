@@ -516,13 +516,19 @@ class KalmanFactors:
             assert meas.U_G is not None and meas.trace_g is not None
             U_G, trace_G = meas.U_G.to(dtype), meas.trace_g.to(dtype)
         f64 = torch.float64
-        info = torch.as_tensor(information, dtype=f64, device=device)
+        # Host numbers enter as fills (a kernel argument), not copies: an H2D copy of a host
+        # tensor would synchronize on CUDA.
+        info = (
+            information.to(device=device, dtype=f64)
+            if isinstance(information, Tensor)
+            else torch.full((), float(information), dtype=f64, device=device)
+        )
         if prior_count is None:
             if forgetting >= 1.0:
                 raise ValueError("prior_count is required when forgetting = 1")
             fresh_count = info / (1.0 - forgetting)
         else:
-            fresh_count = torch.tensor(float(prior_count), dtype=f64, device=device)
+            fresh_count = torch.full((), float(prior_count), dtype=f64, device=device)
         prior = self._prior_state(trace_A, trace_G, groups, n_in, n_out, damping, observation_noise)
         if self.ready:
             assert self.P_A is not None and self.P_G is not None
@@ -532,9 +538,8 @@ class KalmanFactors:
                 k: (None if v is None else torch.where(_expand(sane, v), getattr(self, k), v))
                 for k, v in prior.items()
             }
-            held = torch.tensor([self.prior_count, self.count], dtype=f64, device=device)
-            prior_n = torch.where(sane, held[0], fresh_count)
-            count_n = torch.where(sane, held[1], fresh_count)
+            prior_n = torch.where(sane, self.prior_count, fresh_count)
+            count_n = torch.where(sane, self.count, fresh_count)
         else:
             sane = torch.ones((), dtype=torch.bool, device=device)
             base, prior_n, count_n = prior, fresh_count, fresh_count

@@ -201,7 +201,7 @@ class Sharding:
             else:
                 flag = torch.ones(1, dtype=dtype, device=first.device)
                 parts += [U.to(dtype).reshape(-1), flag]
-        parts.append(torch.tensor([float(doublings)], dtype=dtype, device=first.device))
+        parts.append(torch.full((1,), float(doublings), dtype=dtype, device=first.device))
         buf = torch.cat(parts)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
         spans, offset = [], 0
@@ -210,8 +210,7 @@ class Sharding:
             spans.append((offset, size))
             offset += size + 1
         # The owners' flags and the doublings in one read-back (not one per block).
-        flag_at = torch.tensor([o + n for o, n in spans] + [buf.numel() - 1], device=buf.device)
-        *flags, total = buf[flag_at].tolist()
+        *flags, total = torch.stack([buf[o + n] for o, n in spans] + [buf[-1]]).tolist()
         out: dict[str, Tensor] = {}
         for (key, b), (start, size), flag in zip(blocks.items(), spans, flags, strict=True):
             if flag > 0.5:
