@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
@@ -13,12 +15,46 @@ from lightning_grng.curvature.block import KroneckerBlock
 from lightning_grng.curvature.capture import BoundHook
 from lightning_grng.curvature.conv import Conv2dBlock
 from lightning_grng.curvature.linear import LinearBlock
-from lightning_grng.optim.base import FALLBACK_UPDATE, GRNGOptimizer
+from lightning_grng.optim.base import GRNGOptimizer
+
+log = logging.getLogger("lightning_grng")
 
 _BLOCK_TYPES: tuple[tuple[type[nn.Module], type[KroneckerBlock]], ...] = (
     (nn.Linear, LinearBlock),
     (nn.Conv2d, Conv2dBlock),
 )
+
+
+@dataclass
+class Coverage:
+    """What share of the trainable parameters the Kronecker blocks cover.
+
+    Attributes:
+        optimizer: the optimizer's class name.
+        covered: trainable parameter count (elements) inside Kronecker blocks.
+        total: trainable parameter count of the optimizer on this model.
+        layers: number of Kronecker blocks.
+        fallback: ``'name' (Type)`` of every module whose parameters get the fallback update.
+        update: how the fallback update is named.
+    """
+
+    optimizer: str
+    covered: int
+    total: int
+    layers: int
+    update: str
+    fallback: list[str] = field(default_factory=list)
+
+    @property
+    def share(self) -> float:
+        return self.covered / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        rest = ", ".join(self.fallback) if self.fallback else "none"
+        return (
+            f"{self.optimizer}: Kronecker blocks cover {self.share:.1%} of {self.total:,} "
+            f"trainable parameters ({self.layers} layers); fallback ({self.update}): {rest}"
+        )
 
 
 class CurvatureHandle:
@@ -31,14 +67,20 @@ class CurvatureHandle:
         optimizer: the optimizer the hooks feed.
         blocks: module name -> Kronecker block.
         unsupported: names of trainable modules that get the fallback update.
+        coverage: the share of trainable parameters in Kronecker blocks (:class:`Coverage`).
     """
 
     def __init__(
-        self, optimizer: GRNGOptimizer, blocks: dict[str, KroneckerBlock], unsupported: list[str]
+        self,
+        optimizer: GRNGOptimizer,
+        blocks: dict[str, KroneckerBlock],
+        unsupported: list[str],
+        coverage: Coverage,
     ) -> None:
         self.optimizer = optimizer
         self.blocks = {block.name: block for block in blocks.values()}
         self.unsupported = unsupported
+        self.coverage = coverage
         optimizer._live_handles.append(self)
 
     @property
@@ -106,6 +148,7 @@ def attach(
     optimizer: GRNGOptimizer,
     skip_modules: Iterable[str] = (),
     grad_scaler: Any = None,
+    report: bool = True,
 ) -> CurvatureHandle:
     """Registers the curvature hooks of ``optimizer`` on the layers of ``model``.
 
@@ -113,7 +156,9 @@ def attach(
     Other trainable modules (norm layers, embeddings, bare parameters) are named in one warning
     and get the fallback update, and so does a layer whose weight is tied to another module's
     (one block cannot precondition a gradient summed over two uses; a warning names both).
-    Attaching the same model twice returns another handle of the same attachment.
+    Attaching the same model twice returns another handle of the same attachment. The share of
+    trainable parameters the blocks cover and the modules that fall back are stated in one line
+    (logger ``lightning_grng``, INFO) and kept in ``handle.coverage``.
 
     Raises:
         RuntimeError: a lazy layer (``nn.LazyLinear``) has not run its first forward yet, or
@@ -126,6 +171,7 @@ def attach(
         skip_modules: qualified module names (or class names) to leave without a block.
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 AMP loop, so the curvature is
             built from unscaled gradients (``GradScaler.unscale_`` only unscales ``.grad``).
+        report: log the coverage line (the Lightning callback passes False on ranks > 0).
 
     Returns:
         A :class:`CurvatureHandle`; call ``handle.remove()`` to take the hooks off.
@@ -137,7 +183,8 @@ def attach(
         )
     if optimizer.attached:
         if optimizer._model is model:
-            return CurvatureHandle(optimizer, optimizer.blocks, [])
+            coverage = optimizer._live_handles[0].coverage
+            return CurvatureHandle(optimizer, optimizer.blocks, [], coverage)
         raise RuntimeError(
             f"{type(optimizer).__name__} is already attached to another model; call "
             "handle.remove() on the first handle before attaching again."
@@ -175,11 +222,12 @@ def attach(
         blocks[str(index[weight])] = block
         covered.update(block.params())
 
+    fallback_update = optimizer._fallback_text
     if tied:
         warnings.warn(
             f"{type(optimizer).__name__}: tied weights: {'; '.join(tied)} are one parameter; "
             "its gradient sums both uses, which one Kronecker block cannot precondition, so it "
-            f"(and its layer) gets the fallback update ({FALLBACK_UPDATE}).",
+            f"(and its layer) gets the fallback update ({fallback_update}).",
             UserWarning,
             stacklevel=2,
         )
@@ -192,10 +240,19 @@ def attach(
             for p in module.parameters(recurse=False)
         )
     ]
+    trainable = {p for p in index if p.requires_grad}
+    coverage = Coverage(
+        optimizer=type(optimizer).__name__,
+        covered=sum(p.numel() for p in covered),
+        total=sum(p.numel() for p in trainable),
+        layers=len(blocks),
+        update=fallback_update,
+        fallback=[*unsupported, *(f"'{n}' (tied)" for n in sorted(tied_modules))],
+    )
     if unsupported:
         warnings.warn(
             f"{type(optimizer).__name__}: no Kronecker block for {', '.join(unsupported)}; "
-            f"their parameters get the fallback update ({FALLBACK_UPDATE}).",
+            f"their parameters get the fallback update ({fallback_update}).",
             UserWarning,
             stacklevel=2,
         )
@@ -208,4 +265,6 @@ def attach(
         )
     optimizer._attach(model, blocks, frozen)
     optimizer._gate.grad_scaler = grad_scaler
-    return CurvatureHandle(optimizer, blocks, unsupported)
+    if report:
+        log.info("%s", coverage)
+    return CurvatureHandle(optimizer, blocks, unsupported, coverage)

@@ -100,7 +100,9 @@ def test_conv_kfac_is_exact_for_one_position_and_one_sample():
     torch.testing.assert_close(torch.kron(f.A[0], f.G[0]), exact, rtol=1e-10, atol=1e-12)
 
 
-def test_linear_on_sequences_uses_positions_as_samples():
+def test_linear_on_sequences_uses_rows_as_samples():
+    """Every row (token) is a sample: G = R·Σ δδᵀ with R = B·T rows, the mean per-token
+    Fisher factor of a per-token mean loss."""
     lin = nn.Linear(4, 3).double()
     opt = lg.KFAC(lin.parameters(), curvature_every=1)
     lg.attach(lin, opt)
@@ -114,10 +116,10 @@ def test_linear_on_sequences_uses_positions_as_samples():
     d = out.grad.reshape(-1, 3)
     f = opt.factors("0")
     torch.testing.assert_close(f.A[0], a.T @ a / 10, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(f.G[0], 2 * d.T @ d, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(f.G[0], 10 * d.T @ d, rtol=1e-12, atol=1e-14)
 
 
-def _one_step(reduction: str, damping: float, x, y):
+def _one_step(reduction: str, damping: float, x, y, mode: str = "relative"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
     opt = lg.KFAC(
@@ -126,6 +128,7 @@ def _one_step(reduction: str, damping: float, x, y):
         momentum=0.0,
         kl_clip=None,
         damping=damping,
+        damping_mode=mode,
         curvature_every=1,
         loss_reduction=reduction,
     )
@@ -135,11 +138,13 @@ def _one_step(reduction: str, damping: float, x, y):
     return model, opt
 
 
-def test_sum_reduction_scales_g_by_batch_and_gives_the_same_step():
-    """G(sum) = B·G(mean), so with damping scaled by B the natural-gradient steps agree."""
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+def test_sum_reduction_scales_g_by_batch_and_gives_the_same_step(mode):
+    """G(sum) = B·G(mean): relative damping follows by itself, absolute damping scaled by B
+    by hand; either way the natural-gradient steps agree."""
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
-    m_mean, o_mean = _one_step("mean", 0.1, x, y)
-    m_sum, o_sum = _one_step("sum", 0.1 * 8, x, y)
+    m_mean, o_mean = _one_step("mean", 0.1, x, y, mode)
+    m_sum, o_sum = _one_step("sum", 0.1 * (8 if mode == "absolute" else 1), x, y, mode)
     for k in o_mean.blocks:
         torch.testing.assert_close(o_sum.factors(k).G, 8 * o_mean.factors(k).G)
         torch.testing.assert_close(o_sum.factors(k).A, o_mean.factors(k).A)

@@ -65,9 +65,10 @@ class KroneckerBlock(ABC):
     def output_grad_rows(self, grad_output: Tensor) -> Tensor:
         """Output-gradient rows δ, shape ``(groups, rows, n_out)``."""
 
-    @staticmethod
-    def batch_size(x: Tensor) -> int:
-        """Number of samples in the leading dimension (1 for an unbatched input)."""
+    def samples(self, x: Tensor) -> int:
+        """Number of loss samples one forward call on ``x`` represents (the N of G's scale,
+        ``docs/algorithms.md`` §1). Default: the leading dimension (1 for an unbatched input);
+        a Linear counts every row, a convolution every image."""
         return x.shape[0] if x.dim() > 1 else 1
 
     @abstractmethod

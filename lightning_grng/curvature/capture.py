@@ -156,15 +156,15 @@ class FactorAccumulator:
         rows = rows.to(working_dtype(rows.dtype))
         return rows.transpose(-1, -2) @ rows
 
-    def add_input(self, rows: Tensor, batch_size: int) -> None:
+    def add_input(self, rows: Tensor, samples: int) -> None:
         gram = self._gram(rows)
         self.a_sum = gram if self.a_sum is None else self.a_sum + gram
         self.a_rows += rows.shape[-2]
 
-    def add_output_grad(self, rows: Tensor, batch_size: int) -> None:
+    def add_output_grad(self, rows: Tensor, samples: int) -> None:
         gram = self._gram(rows)
         self.g_sum = gram if self.g_sum is None else self.g_sum + gram
-        self.g_samples += batch_size
+        self.g_samples += samples
 
     def scale_output_grads(self, factor: float) -> None:
         """Multiplies the ``δ δᵀ`` sum by ``factor`` (the output gradients by its root)."""
@@ -175,9 +175,10 @@ class FactorAccumulator:
         """Batch factors ``(A, G)``.
 
         ``A`` is the mean of ``ā āᵀ`` over all rows. The captured output gradients of a
-        mean-reduced loss carry a factor ``1/N`` (N samples, all micro-batches together), so
-        ``G = N · Σ δ δᵀ`` is the per-sample Fisher factor (positions of a conv or sequence
-        summed, as in KFC); for a sum-reduced loss ``G = Σ δ δᵀ`` is the Fisher of the sum.
+        mean-reduced loss carry a factor ``1/N`` (N samples, all micro-batches together: the
+        rows of a Linear, the images of a conv, :meth:`KroneckerBlock.samples`), so
+        ``G = N · Σ δ δᵀ`` is the per-sample Fisher factor (a conv's positions summed, as in
+        KFC); for a sum-reduced loss ``G = Σ δ δᵀ`` is the Fisher of the sum.
         """
         assert self.a_sum is not None and self.g_sum is not None
         A = self.a_sum / max(self.a_rows, 1)
@@ -311,7 +312,7 @@ class CurvatureCapture:
             x = args[0] if args else kwargs["input"]
             # The input is saved by autograd for the weight gradient anyway: keeping it costs
             # no memory while the graph lives, and the rows are formed only if a backward comes.
-            pending = _Pass(x.detach(), block.batch_size(x), next(self._seq))
+            pending = _Pass(x.detach(), block.samples(x), next(self._seq))
             output.register_hook(self._output_hook(key, pending))
 
         return hook

@@ -13,7 +13,6 @@ Two inverse routes:
 
 from __future__ import annotations
 
-import math
 from enum import Enum
 
 import torch
@@ -67,6 +66,14 @@ class KroneckerFactors:
         """Whether an inverse representation exists (a preconditioner can be applied)."""
         return self.evec_A is not None or self.inv_A is not None
 
+    def mean_eigenvalue(self) -> Tensor:
+        """Mean eigenvalue of ``A ⊗ G`` per group, ``(tr A / n_A)·(tr G / n_G)``, shape
+        ``(groups,)``: the unit of relative damping (``docs/algorithms.md`` §2)."""
+        assert self.A is not None and self.G is not None
+        mean_a = torch.diagonal(self.A, dim1=-2, dim2=-1).mean(-1)
+        mean_g = torch.diagonal(self.G, dim1=-2, dim2=-1).mean(-1)
+        return mean_a * mean_g
+
     @property
     def finite(self) -> bool:
         return bool(
@@ -87,9 +94,11 @@ class KroneckerFactors:
             self.G.mul_(decay).add_(G_batch, alpha=1.0 - decay)
         self.updates += 1
 
-    def refresh(self, method: InverseMethod, damping: float, newton_iters: int) -> bool:
+    def refresh(self, method: InverseMethod, damping: float | Tensor, newton_iters: int) -> bool:
         """Recompute the inverse representation. Returns False (and keeps the last good one)
-        when the factors or the result are not finite or the decomposition fails."""
+        when the factors or the result are not finite or the decomposition fails.
+
+        ``damping`` is γ in the units of A ⊗ G: a float or a per-group tensor ``(groups,)``."""
         if not self.finite:
             return False
         if method is InverseMethod.EIGH:
@@ -104,7 +113,7 @@ class KroneckerFactors:
             self.inv_A = self.inv_G = None
             return True
         pi = pi_split(self.A, self.G)
-        root = math.sqrt(damping)
+        root = torch.as_tensor(damping, dtype=self.A.dtype, device=self.A.device).sqrt()
         res_A = newton_schulz_inverse(
             _add_to_diagonal(self.A, pi * root), self.inv_A, max_iters=newton_iters
         )
@@ -118,8 +127,9 @@ class KroneckerFactors:
         self.newton_iterations = max(res_A.iterations, res_G.iterations)
         return True
 
-    def precondition(self, V: Tensor, damping: float) -> Tensor:
-        """``(A ⊗ G + γI)⁻¹ vec(V)`` for V of shape ``(g, n_out, n_in)``.
+    def precondition(self, V: Tensor, damping: float | Tensor) -> Tensor:
+        """``(A ⊗ G + γI)⁻¹ vec(V)`` for V of shape ``(g, n_out, n_in)``; γ a float or a
+        per-group tensor ``(g,)``.
 
         Exact damping γ on the eigh route; on the Newton route the factored damping chosen at
         the last refresh is used and ``damping`` is ignored.
@@ -130,7 +140,10 @@ class KroneckerFactors:
             assert QG is not None and self.eval_G is not None and self.eval_A is not None
             Vw = V.to(QA.dtype)
             rotated = QG.transpose(-1, -2) @ Vw @ QA
-            rotated = rotated / (self.eval_G[..., :, None] * self.eval_A[..., None, :] + damping)
+            gamma = torch.as_tensor(damping, dtype=rotated.dtype, device=rotated.device)
+            if gamma.dim() == 1:
+                gamma = gamma[:, None, None]
+            rotated = rotated / (self.eval_G[..., :, None] * self.eval_A[..., None, :] + gamma)
             return (QG @ rotated @ QA.transpose(-1, -2)).to(dtype)
         assert self.inv_A is not None and self.inv_G is not None
         return (self.inv_G @ V.to(self.inv_G.dtype) @ self.inv_A).to(dtype)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_grng.curvature.block import KroneckerBlock
@@ -12,6 +14,16 @@ from lightning_grng.curvature.inverse import working_dtype
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
 from lightning_grng.optim.base import GRNGOptimizer, ParamsT
 from lightning_grng.optim.validation import check_choice, check_int, check_range
+
+
+class DampingMode(str, Enum):
+    """Units of ``damping`` (``docs/algorithms.md`` §2)."""
+
+    #: γ = λ · (mean eigenvalue of the block's A ⊗ G): scale-free, the same default means the
+    #: same thing on any model.
+    RELATIVE = "relative"
+    #: γ = λ in the units of the Fisher (the loss's units squared over the parameters').
+    ABSOLUTE = "absolute"
 
 
 class KFAC(GRNGOptimizer):
@@ -26,7 +38,10 @@ class KFAC(GRNGOptimizer):
         lr: learning rate.
         momentum: heavy-ball momentum on the preconditioned update, in [0, 1).
         weight_decay: decoupled weight decay (``θ ← θ·(1 − lr·wd)``), >= 0.
-        damping: Tikhonov damping λ > 0 added to the Kronecker-factored Fisher.
+        damping: Tikhonov damping λ > 0 added to the Kronecker-factored Fisher, in the units of
+            ``damping_mode``.
+        damping_mode: ``"relative"`` (default: γ = λ times the mean eigenvalue of each block's
+            A ⊗ G, so λ is scale-free) or ``"absolute"`` (γ = λ).
         ema_decay: decay of the factor moving averages, in [0, 1).
         curvature_every: refresh the factor statistics every this many steps.
         inverse_every: refresh the inverse representation every this many steps.
@@ -38,6 +53,10 @@ class KFAC(GRNGOptimizer):
             from the model; needs :meth:`mc_fisher_backward`).
         loss_reduction: how the training loss reduces over samples, ``"mean"`` or ``"sum"``;
             sets the scale of G (see ``docs/algorithms.md``).
+        fallback: update of parameters without a Kronecker block: ``"adam"`` (default) or
+            ``"sgd"`` (the raw gradient through momentum and the KL-clip).
+        fallback_lr: the Adam fallback's learning rate as a multiple of the group's ``lr``
+            (so it follows the same schedule).
     """
 
     def __init__(
@@ -46,7 +65,8 @@ class KFAC(GRNGOptimizer):
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        damping: float = 0.1,
+        damping: float = 1e-3,
+        damping_mode: str = "relative",
         ema_decay: float = 0.95,
         curvature_every: int = 5,
         inverse_every: int = 20,
@@ -55,8 +75,11 @@ class KFAC(GRNGOptimizer):
         kl_clip: float | None = 1e-2,
         fisher: str = "empirical",
         loss_reduction: str = "mean",
+        fallback: str = "adam",
+        fallback_lr: float = 0.1,
     ) -> None:
         name = type(self).__name__
+        self.damping_mode = check_choice(name, "damping_mode", damping_mode, DampingMode)
         self.ema_decay = check_range(name, "ema_decay", ema_decay, 0.0, 1.0, high_open=True)
         self.inverse_every = check_int(name, "inverse_every", inverse_every)
         self.inverse = check_choice(name, "inverse", inverse, InverseMethod)
@@ -71,6 +94,8 @@ class KFAC(GRNGOptimizer):
             kl_clip=kl_clip,
             fisher=fisher,
             loss_reduction=loss_reduction,
+            fallback=fallback,
+            fallback_lr=fallback_lr,
         )
         self._factors: dict[str, KroneckerFactors] = {}
         self.inverse_failures = 0
@@ -98,7 +123,7 @@ class KFAC(GRNGOptimizer):
             factors = self._factors.get(key)
             if factors is None or factors.updates == 0 or (factors.ready and not scheduled):
                 continue
-            damping = self._effective_damping(group_of[block.weight], grad_sq_norm)
+            damping = self._block_damping(key, block, factors, group_of[block.weight])
             if not factors.refresh(self.inverse, damping, self.newton_iters):
                 # Keep the last good preconditioner; make the next one better conditioned.
                 self.inverse_failures += 1
@@ -110,7 +135,28 @@ class KFAC(GRNGOptimizer):
         factors = self._factors.get(key)
         if factors is None or not factors.ready:
             return None
-        return factors.precondition(V, self._effective_damping(group, grad_sq))
+        return factors.precondition(V, self._block_damping(key, block, factors, group))
+
+    def _block_damping(
+        self, key: str, block: KroneckerBlock, factors: KroneckerFactors, group: dict[str, Any]
+    ) -> float | Tensor:
+        """γ of one block in the units of its A ⊗ G (per group in relative mode), boost
+        included; records the damping-to-curvature ratio γ / mean eigenvalue for diagnostics."""
+        scale = factors.mean_eigenvalue()
+        if self.damping_mode is DampingMode.ABSOLUTE:
+            gamma: float | Tensor = self._effective_damping(group, self._step_grad_sq)
+            ratio = gamma / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+        else:
+            ratio = self._relative_damping(block, group, scale) * self.damping_boost
+            gamma = ratio * scale
+        self._damping_ratios[block.name] = ratio.mean()
+        return gamma
+
+    def _relative_damping(
+        self, block: KroneckerBlock, group: dict[str, Any], scale: Tensor
+    ) -> Tensor:
+        """γ / (mean eigenvalue of A ⊗ G) before the failure boost; KFAC: λ."""
+        return torch.full_like(scale, group["damping"])
 
     def _block_state(self, key: str) -> dict[str, Any]:
         factors = self._factors.get(key)

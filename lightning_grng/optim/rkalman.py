@@ -89,6 +89,8 @@ class RKalman(GRNGOptimizer):
         loss_reduction: how the training loss reduces over samples, ``"mean"`` or ``"sum"``;
             sets the unit of information (one update, or one sample).
         seed: seed of the measurement draws (sketches, row samples), >= 0.
+        fallback: ``"adam"`` (default) or ``"sgd"``: the update of parameters without a block.
+        fallback_lr: the Adam fallback's lr as a multiple of the group's ``lr``.
     """
 
     group_ranges: ClassVar[dict[str, tuple[float, float | None, bool, bool]]] = {
@@ -116,6 +118,8 @@ class RKalman(GRNGOptimizer):
         fisher: str = "empirical",
         loss_reduction: str = "mean",
         seed: int = 0,
+        fallback: str = "adam",
+        fallback_lr: float = 0.1,
     ) -> None:
         name = type(self).__name__
         self.forgetting = check_range(name, "forgetting", forgetting, 0.0, 1.0, low_open=True)
@@ -150,6 +154,8 @@ class RKalman(GRNGOptimizer):
             kl_clip=kl_clip,
             fisher=fisher,
             loss_reduction=loss_reduction,
+            fallback=fallback,
+            fallback_lr=fallback_lr,
         )
         self._add_group_default("rho", self._check_group_value("rho", rho))
         self._filters: dict[str, KalmanFactors] = {}
