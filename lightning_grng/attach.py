@@ -9,16 +9,10 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from lightning_grng.curvature.block import KroneckerBlock
+from lightning_grng.curvature.block import KroneckerBlock, Unsupported
 from lightning_grng.curvature.capture import BoundHook
-from lightning_grng.curvature.conv import Conv2dBlock
-from lightning_grng.curvature.linear import LinearBlock
 from lightning_grng.optim.base import FALLBACK_UPDATE, GRNGOptimizer
-
-_BLOCK_TYPES: tuple[tuple[type[nn.Module], type[KroneckerBlock]], ...] = (
-    (nn.Linear, LinearBlock),
-    (nn.Conv2d, Conv2dBlock),
-)
+from lightning_grng.registry import blocks_for
 
 
 class CurvatureHandle:
@@ -50,13 +44,6 @@ class CurvatureHandle:
         """Releases this handle; the hooks go with the last handle of the attachment. The
         optimizer keeps its curvature state (re-attaching resumes)."""
         self.optimizer._release(self)
-
-
-def _block_for(module: nn.Module, name: str, with_bias: bool) -> KroneckerBlock | None:
-    for module_type, block_type in _BLOCK_TYPES:
-        if isinstance(module, module_type):
-            return block_type(module, name, with_bias=with_bias)  # type: ignore[call-arg]
-    return None
 
 
 def _refuse_lazy(model: nn.Module, optimizer: GRNGOptimizer) -> None:
@@ -152,28 +139,41 @@ def attach(
     frozen: dict[Tensor, str] = {}
     tied: list[str] = []
     tied_modules: set[str] = set()
+    reasons: dict[str, list[str]] = {}
+    claimed: set[int] = set()  # modules whose weight another module's block captures
+
+    def trainable(p: Tensor | None) -> bool:
+        return isinstance(p, nn.Parameter) and p in index and p.requires_grad
+
     for name, module in model.named_modules():
+        if id(module) in claimed:
+            continue
+        found = blocks_for(module, name, trainable)
+        claimed.update(id(b.module) for b in found if isinstance(b, KroneckerBlock))
         if name in skip or type(module).__name__ in skip:
             continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter) or weight not in index:
-            continue
-        if not weight.requires_grad:
-            if _block_for(module, name, False) is not None:
-                frozen[weight] = name
-            continue
-        bias = getattr(module, "bias", None)
-        with_bias = isinstance(bias, nn.Parameter) and bias in index and bias.requires_grad
-        block = _block_for(module, name, with_bias)
-        if block is None:
-            continue
-        tied_here = [p for p in block.params() if p in shared]
-        if tied_here:
-            tied += [" and ".join(f"'{n}'" for n in shared[p]) for p in tied_here]
-            tied_modules.add(name)
-            continue
-        blocks[str(index[weight])] = block
-        covered.update(block.params())
+        for block in found:
+            if isinstance(block, Unsupported):
+                if any(p in index and p.requires_grad for p in block.params):
+                    reasons.setdefault(name, []).append(block.reason)
+                continue
+            weight = block.weight
+            if not isinstance(weight, nn.Parameter) or weight not in index:
+                continue
+            if not weight.requires_grad:
+                frozen[weight] = block.name
+                continue
+            refusal = optimizer._refuses_block(block)
+            if refusal is not None:
+                reasons.setdefault(name, []).append(refusal)
+                continue
+            tied_here = [p for p in block.params() if p in shared]
+            if tied_here:
+                tied += [" and ".join(f"'{n}'" for n in shared[p]) for p in tied_here]
+                tied_modules.add(name)
+                continue
+            blocks[str(index[weight])] = block
+            covered.update(block.params())
 
     if tied:
         warnings.warn(
@@ -184,7 +184,9 @@ def attach(
             stacklevel=2,
         )
     unsupported = [
-        f"'{name or '<root>'}' ({type(module).__name__})"
+        f"'{name or '<root>'}' ({type(module).__name__}"
+        + "".join(f"; {reason}" for reason in reasons.get(name, []))
+        + ")"
         for name, module in model.named_modules()
         if name not in tied_modules
         and any(
@@ -201,7 +203,7 @@ def attach(
         )
     if not blocks:
         warnings.warn(
-            f"{type(optimizer).__name__}: the model has no nn.Linear or nn.Conv2d layer the "
+            f"{type(optimizer).__name__}: the model has no layer with a Kronecker block that the "
             "optimizer trains, so every parameter gets the fallback update.",
             UserWarning,
             stacklevel=2,

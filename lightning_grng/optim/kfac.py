@@ -76,7 +76,7 @@ class KFAC(GRNGOptimizer):
         self.inverse_failures = 0
 
     def _new_accumulator(self, block: KroneckerBlock) -> FactorAccumulator:
-        return FactorAccumulator()
+        return FactorAccumulator(block.n_in if block.diagonal_input else None)
 
     def factors(self, key: str) -> KroneckerFactors:
         """The factor state of block ``key`` (created on first use)."""
@@ -121,7 +121,9 @@ class KFAC(GRNGOptimizer):
         factors = KroneckerFactors(working_dtype(block.weight.dtype))
         factors.load_state_dict(state, block.weight.device)
         self._check_factor_shapes(
-            block, {"A": (factors.A, block.n_in), "G": (factors.G, block.n_out)}
+            block,
+            {"A": (factors.A, block.n_in), "G": (factors.G, block.n_out)},
+            diagonal=("A",) if block.diagonal_input else (),
         )
         self._factors[key] = factors
 
