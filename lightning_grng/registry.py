@@ -11,7 +11,7 @@ reason is said in attach's warning), a list of either (a module with several wei
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar, Union
+from typing import TypeAlias
 
 from torch import Tensor, nn
 
@@ -21,12 +21,12 @@ from lightning_grng.curvature.conv import Conv1dBlock, Conv2dBlock
 from lightning_grng.curvature.embedding import EmbeddingBlock
 from lightning_grng.curvature.linear import LinearBlock
 
-FactoryResult = Union[
-    KroneckerBlock, Unsupported, Sequence[Union[KroneckerBlock, Unsupported]], None
-]
-BlockFactory = Callable[[nn.Module, str, Callable[[Union[Tensor, None]], bool]], FactoryResult]
-
-M = TypeVar("M", bound=type[nn.Module])
+#: What a block factory returns (see the module docstring).
+FactoryResult: TypeAlias = (
+    KroneckerBlock | Unsupported | Sequence[KroneckerBlock | Unsupported] | None
+)
+#: ``factory(module, name, trainable) -> FactoryResult``.
+BlockFactory: TypeAlias = Callable[[nn.Module, str, Callable[[Tensor | None], bool]], FactoryResult]
 
 _BUILT_IN: dict[type[nn.Module], BlockFactory] = {}
 _USER: dict[type[nn.Module], BlockFactory] = {}
@@ -69,7 +69,9 @@ def register_block(
         The factory (so the decorator leaves it usable).
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"register_block: module_type must be an nn.Module subclass, got {module_type!r}.")
+        raise TypeError(
+            f"register_block: module_type must be an nn.Module subclass, got {module_type!r}."
+        )
 
     def add(factory: BlockFactory) -> BlockFactory:
         if not callable(factory):

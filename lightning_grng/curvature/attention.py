@@ -38,7 +38,7 @@ from lightning_grng.curvature.block import ForwardRecord, KroneckerBlock, Unsupp
 from lightning_grng.curvature.linear import LinearBlock
 
 #: ``weight -> part``: which groups an ``F.linear`` weight feeds (``False``: not this block's).
-_Match = Callable[[Tensor], "slice | None | bool"]
+_Match = Callable[[Tensor], "slice | bool | None"]
 
 
 def _transparent(fn: FunctionType) -> FunctionType:
@@ -186,13 +186,11 @@ class InProjBlock(KroneckerBlock):
 class OutProjBlock(LinearBlock):
     """``MultiheadAttention.out_proj``, captured from the attention's ``F.linear`` call."""
 
-    def __init__(
-        self, attention: nn.MultiheadAttention, name: str, with_bias: bool = True
-    ) -> None:
+    def __init__(self, attention: nn.MultiheadAttention, name: str, with_bias: bool = True) -> None:
         super().__init__(attention.out_proj, name, with_bias=with_bias)
         self.attention = attention
 
-    def _part(self, weight: Tensor) -> None | bool:
+    def _part(self, weight: Tensor) -> bool | None:
         return None if weight is self.weight else False
 
     def register_capture(

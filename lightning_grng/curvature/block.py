@@ -115,7 +115,9 @@ class KroneckerBlock(ABC):
 
         return [self.module.register_forward_hook(bind(hook), with_kwargs=True)]
 
-    def joined_rows(self, parts: list[tuple[slice | None, Any, Tensor | None]]) -> tuple[Tensor, Tensor | None]:
+    def joined_rows(
+        self, parts: list[tuple[slice | None, Any, Tensor | None]]
+    ) -> tuple[Tensor, Tensor | None]:
         """Input and output-gradient rows of one forward whose groups were fed by separate
         calls, from ``(groups, x, output-gradient rows)`` per call.
 
@@ -132,9 +134,13 @@ class KroneckerBlock(ABC):
             if g is not None:
                 g_parts += list(g)
         if len(a_parts) != self.groups or (g_parts and len(g_parts) != self.groups):
-            raise RuntimeError(f"module '{self.name}': a forward fed {len(a_parts)} of {self.groups} groups")
+            raise RuntimeError(
+                f"module '{self.name}': a forward fed {len(a_parts)} of {self.groups} groups"
+            )
         rows = max(a.shape[0] for a in a_parts)
-        A = torch.stack([_pad_rows(a * math.sqrt(rows / max(a.shape[0], 1)), rows) for a in a_parts])
+        A = torch.stack(
+            [_pad_rows(a * math.sqrt(rows / max(a.shape[0], 1)), rows) for a in a_parts]
+        )
         if not g_parts:
             return A, None
         g_rows = max(g.shape[0] for g in g_parts)

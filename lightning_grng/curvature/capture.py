@@ -171,9 +171,12 @@ class FactorAccumulator:
         return torch.stack([torch.bincount(g[g >= 0], minlength=n).double() for g in ids])
 
     def add_input(self, rows: Tensor, batch_size: int) -> None:
-        gram = self._gram(rows) if self.diagonal_in is None else self._counts(rows)
+        if self.diagonal_in is None:
+            gram, n_rows = self._gram(rows), rows.shape[-2]
+        else:
+            gram, n_rows = self._counts(rows), rows.shape[-1]
         self.a_sum = gram if self.a_sum is None else self.a_sum + gram
-        self.a_rows += rows.shape[-2]
+        self.a_rows += n_rows
 
     def add_output_grad(self, rows: Tensor, batch_size: int) -> None:
         gram = self._gram(rows)
@@ -324,7 +327,6 @@ class CurvatureCapture:
     # ------------------------------------------------------------------ forward: pending
     def _record(self, key: str) -> Callable[..., None]:
         """What a block's forward capture calls for each use of its weight (a ForwardRecord)."""
-        block = self.blocks[key]
 
         def record(
             module: nn.Module,

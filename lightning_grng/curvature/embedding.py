@@ -45,6 +45,12 @@ class EmbeddingBlock(KroneckerBlock):
             return "sparse=True gradients are not supported"
         return None
 
+    @staticmethod
+    def batch_size(x: Tensor) -> int:
+        """Samples of the equivalent Linear on one-hot rows: the leading dimension of the ids
+        (1 for a single id)."""
+        return x.shape[0] if x.dim() >= 1 else 1
+
     def input_rows(self, x: Tensor) -> Tensor:
         """Token ids ``(1, rows)``; ``padding_idx`` becomes -1 (a zero one-hot row)."""
         ids = x.reshape(1, -1)

@@ -80,7 +80,7 @@ class KroneckerFactors:
         return self.eval_A is not None or self.inv_A is not None
 
     @property
-    def diagonal_A(self) -> bool:
+    def a_is_diagonal(self) -> bool:
         """A is stored as its diagonal ``(g, n_in)``."""
         return self.A is not None and self.A.dim() == 2
 
@@ -111,7 +111,7 @@ class KroneckerFactors:
             return False
         if method is InverseMethod.EIGH:
             try:
-                if self.diagonal_A:
+                if self.a_is_diagonal:
                     eval_A, evec_A = self.A.clamp_min(0.0), None  # type: ignore[union-attr]
                 else:
                     eval_A, evec_A = spd_eigh(self.A)
@@ -128,7 +128,7 @@ class KroneckerFactors:
         root = math.sqrt(damping)
         res_A = (
             _diagonal_inverse(self.A + (pi * root)[..., None])
-            if self.diagonal_A
+            if self.a_is_diagonal
             else newton_schulz_inverse(
                 _add_to_diagonal(self.A, pi * root), self.inv_A, max_iters=newton_iters
             )

@@ -9,7 +9,6 @@ rank never leaves another rank waiting in a collective. ``docs/distributed.md`` 
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +84,10 @@ class Sharding:
             for key in keys:
                 b, acc = blocks[key], accumulators[key]
                 a_shape = (b.groups, b.n_in) if b.diagonal_input else (b.groups, b.n_in, b.n_in)
-                for value, shape in ((acc.a_sum, a_shape), (acc.g_sum, (b.groups, b.n_out, b.n_out))):
+                for value, shape in (
+                    (acc.a_sum, a_shape),
+                    (acc.g_sum, (b.groups, b.n_out, b.n_out)),
+                ):
                     if value is None:
                         value = torch.zeros(shape, dtype=dtype, device=device)
                     parts.append(value.to(dtype).reshape(-1))
