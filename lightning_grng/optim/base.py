@@ -482,7 +482,7 @@ class GRNGOptimizer(Optimizer):
             f"{type(self).__name__}: the curvature hooks of module '{block.name}' "
             f"({type(block.module).__name__}) never fired although its parameters have "
             "gradients; it is probably called through a functional path (e.g. "
-            "MultiheadAttention.out_proj). It gets the fallback update "
+            "F.linear(x, layer.weight) instead of layer(x)). It gets the fallback update "
             f"({FALLBACK_UPDATE}) until statistics arrive; exclude it with "
             f"attach(..., skip_modules=['{block.name}']) to silence this.",
             RuntimeWarning,
