@@ -409,3 +409,31 @@ def test_registration_overrides_built_ins_and_subclasses_inherit():
     assert set(lg.attach(model, lg.KFAC(model.parameters())).blocks) == {"0"}
     with pytest.raises(TypeError):
         lg.register_block(int, lambda *a: None)  # type: ignore[arg-type]
+
+
+def test_statistics_reduction_carries_a_diagonal_input_factor(tmp_path):
+    """The DDP statistics reduce packs an embedding's A as its diagonal (one process, gloo)."""
+    import torch.distributed as dist
+
+    from lightning_grng.distributed import Sharding, block_cost
+
+    assert block_cost(1, 1000, 4, diagonal_in=True) == 1000 + 64
+    model = nn.Sequential(nn.Embedding(VOCAB, DIM), nn.Linear(DIM, 3))
+    opt = lg.KFAC(model.parameters(), curvature_every=1)
+    lg.attach(model, opt)
+    model(torch.tensor([[1, 2, 2], [0, 5, 1]])).pow(2).mean().backward()
+    capture = opt._capture
+    before = {k: (a.a_sum.clone(), a.g_sum.clone()) for k, a in capture.accumulators.items()}
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        shard = Sharding(rank=0, world_size=1)
+        shard.bind(opt.blocks)
+        shard.reduce_factor_statistics(opt.blocks, capture.accumulators)
+    finally:
+        dist.destroy_process_group()
+    for key, (a_sum, g_sum) in before.items():
+        torch.testing.assert_close(capture.accumulators[key].a_sum, a_sum.float())
+        torch.testing.assert_close(capture.accumulators[key].g_sum, g_sum)
+    assert capture.accumulators["0"].a_sum.shape == (1, VOCAB)

@@ -47,7 +47,7 @@ class Sharding:
         if set(self.owners) == set(blocks):
             return
         keys = list(blocks)
-        costs = [block_cost(b.groups, b.n_in, b.n_out) for b in blocks.values()]
+        costs = [block_cost(b.groups, b.n_in, b.n_out, b.diagonal_input) for b in blocks.values()]
         self.owners = dict(zip(keys, assign_owners(costs, self.world_size), strict=True))
 
     def owns(self, key: str) -> bool:
