@@ -96,11 +96,17 @@ def attach(
 ) -> CurvatureHandle:
     """Registers the curvature hooks of ``optimizer`` on the layers of ``model``.
 
-    Every ``nn.Linear`` / ``nn.Conv2d`` whose weight the optimizer trains gets a Kronecker block.
-    Other trainable modules (norm layers, embeddings, bare parameters) are named in one warning
-    and get the fallback update, and so does a layer whose weight is tied to another module's
-    (one block cannot precondition a gradient summed over two uses; a warning names both).
-    Attaching the same model twice returns another handle of the same attachment.
+    Layers whose weight the optimizer trains get a Kronecker block: ``nn.Linear``,
+    ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding`` (diagonal input factor; ``max_norm=None``
+    and dense gradients only; not with RKalman) and ``nn.MultiheadAttention`` (packed
+    ``in_proj_weight`` as q/k/v groups, and ``out_proj``; self- and cross-attention), plus any
+    type given a block with :func:`~lightning_grng.register_block` (looked up along the
+    module's MRO, most specific type first; a user registration overrides a built-in one).
+    Other trainable modules (norm layers, bare parameters, refused configurations with their
+    reason) are named in one warning and get the fallback update, and so does a layer whose
+    weight is tied to another module's (one block cannot precondition a gradient summed over
+    two uses; a warning names both). Attaching the same model twice returns another handle of
+    the same attachment.
 
     Raises:
         RuntimeError: a lazy layer (``nn.LazyLinear``) has not run its first forward yet, or

@@ -17,8 +17,9 @@ from lightning_grng.optim.validation import check_choice, check_int, check_range
 class KFAC(GRNGOptimizer):
     """Kronecker-factored natural gradient: ``U = (A ⊗ G + λI)⁻¹ g`` per layer.
 
-    ``nn.Linear`` and ``nn.Conv2d`` layers get a Kronecker block; every other trainable parameter
-    gets the fallback update (momentum SGD on its gradient). Hooks are attached with
+    ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding`` and ``nn.MultiheadAttention``
+    layers (and registered types, :func:`lightning_grng.register_block`) get a Kronecker block;
+    every other trainable parameter gets the fallback update. Hooks are attached with
     :func:`lightning_grng.attach` (plain PyTorch) or by :class:`lightning_grng.GRNGCallback`.
 
     Args:
