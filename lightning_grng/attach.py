@@ -160,7 +160,7 @@ def attach(
             continue
         for block in found:
             if isinstance(block, Unsupported):
-                if any(p in index and p.requires_grad for p in block.params):
+                if not block.params or any(p in index and p.requires_grad for p in block.params):
                     reasons.setdefault(name, []).append(block.reason)
                 continue
             weight = block.weight

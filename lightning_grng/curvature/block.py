@@ -35,8 +35,9 @@ class Unsupported:
     warning.
 
     Attributes:
-        reason: why, in a few words (completes "no Kronecker block: ...").
-        params: the parameters concerned (for messages; they simply get no block).
+        reason: why, in a few words (said after the module's name in attach's warning).
+        params: the parameters concerned: the reason is said when the optimizer trains one of
+            them (always, when empty).
     """
 
     reason: str
@@ -127,15 +128,15 @@ class KroneckerBlock(ABC):
         """
         a_parts: list[Tensor] = []
         g_parts: list[Tensor] = []
-        for part, x, g in sorted(parts, key=lambda p: (p[0] or slice(0)).start or 0):
+        for part, x, g in sorted(parts, key=lambda p: 0 if p[0] is None else p[0].start):
             width = self.groups if part is None else part.stop - part.start
             a = self.input_rows(x)
             a_parts += list(a.expand(width, *a.shape[1:]))
             if g is not None:
                 g_parts += list(g)
         if len(a_parts) != self.groups or (g_parts and len(g_parts) != self.groups):
-            raise RuntimeError(
-                f"module '{self.name}': a forward fed {len(a_parts)} of {self.groups} groups"
+            raise ValueError(
+                f"module '{self.name}': the parts feed {len(a_parts)} of {self.groups} groups"
             )
         rows = max(a.shape[0] for a in a_parts)
         A = torch.stack(

@@ -416,7 +416,10 @@ class CurvatureCapture:
                 calls.setdefault(pending.call, []).append(pending)
             g_rows: list[tuple[Tensor, int]] = []
             for uses in calls.values():
-                a, g = self._rows(block, uses)
+                rows = self._rows(block, uses)
+                if rows is None:
+                    continue
+                a, g = rows
                 acc.add_input(a, uses[0].batch)
                 if g is not None:
                     g_rows.append((g, uses[0].batch))
@@ -433,10 +436,14 @@ class CurvatureCapture:
         return hook
 
     @staticmethod
-    def _rows(block: KroneckerBlock, uses: list[_Pass]) -> tuple[Tensor, Tensor | None]:
-        """Input rows and output-gradient rows (None without a backward) of one forward."""
+    def _rows(block: KroneckerBlock, uses: list[_Pass]) -> tuple[Tensor, Tensor | None] | None:
+        """Input rows and output-gradient rows (None without a backward) of one forward; None
+        when the backward reached the uses of only some of its groups (nothing to count)."""
         if len(uses) == 1 and uses[0].part is None:
             return block.input_rows(uses[0].x), uses[0].g
+        fed = sum(block.groups if u.part is None else u.part.stop - u.part.start for u in uses)
+        if fed != block.groups:
+            return None
         if any(u.g is None for u in uses):
             a, _ = block.joined_rows([(u.part, u.x, None) for u in uses])
             return a, None
