@@ -163,6 +163,8 @@ def attach(
                 if not block.params or any(p in index and p.requires_grad for p in block.params):
                     reasons.setdefault(name, []).append(block.reason)
                 continue
+            if block.name in skip or type(block.module).__name__ in skip:
+                continue  # e.g. skip_modules=["attn.out_proj"]: a block built by its parent
             weight = block.weight
             if not isinstance(weight, nn.Parameter) or weight not in index:
                 continue

@@ -21,10 +21,10 @@ def _kfac(params, **kwargs):
     return lg.KFAC(params, **kwargs)
 
 
-def _attach_quietly(model, opt):
+def _attach_quietly(model, opt, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return lg.attach(model, opt)
+        return lg.attach(model, opt, **kwargs)
 
 
 # ---------------------------------------------------------------------- MultiheadAttention
@@ -150,6 +150,20 @@ def test_attention_eval_mode_and_exceptions_leave_no_interception():
     mha(x, x, x)[0].sum().backward()
     opt.step()
     assert all(opt.factors(k).A is not None for k in opt.blocks)
+
+
+def test_attention_blocks_can_be_skipped_one_by_one():
+    model = nn.Sequential(nn.MultiheadAttention(E, HEADS))
+    handle = _attach_quietly(model, lg.KFAC(model.parameters()))
+    assert set(handle.blocks) == {"0", "0.out_proj"}
+    model = nn.Sequential(nn.MultiheadAttention(E, HEADS))
+    opt = lg.KFAC(model.parameters())
+    with pytest.warns(UserWarning, match=r"'0.out_proj' \(NonDynamicallyQuantizableLinear\)"):
+        handle = lg.attach(model, opt, skip_modules=["0.out_proj"])
+    assert set(handle.blocks) == {"0"}
+    model = nn.Sequential(nn.MultiheadAttention(E, HEADS))
+    handle = _attach_quietly(model, lg.KFAC(model.parameters()), skip_modules=["0"])
+    assert not handle.blocks  # the attention's out_proj goes with it
 
 
 def test_attention_with_separate_kv_dims_falls_back_with_a_reason():
