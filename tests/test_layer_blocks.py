@@ -278,11 +278,13 @@ def test_embedding_padding_row_is_left_untouched(inverse):
     opt = _kfac(emb_model.parameters(), inverse=inverse, momentum=0.9)
     lg.attach(emb_model, opt)
     ids = torch.tensor([[0, 2, 2, 5], [1, 2, 0, 0]])
-    for _ in range(3):
-        opt.zero_grad()
-        loss = emb_model(ids).pow(2).mean()
-        loss.backward()
-        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # absent tokens are not a foreign use
+        for _ in range(3):
+            opt.zero_grad()
+            loss = emb_model(ids).pow(2).mean()
+            loss.backward()
+            opt.step()
     f = opt.factors("0")
     assert f.A[0, 0] == 0 and f.A[0, 2] > 0
     assert torch.isfinite(emb_model[0].weight).all()
@@ -329,6 +331,38 @@ def test_tied_embedding_and_head_get_the_fallback():
         opt.step()
     assert not torch.equal(model.tok.weight, before)
     assert torch.isfinite(model.tok.weight).all()
+
+
+def test_embedding_weight_used_by_a_functional_head_gets_the_fallback():
+    """Tying through F.linear is invisible to attach; the gradient rows of tokens that no
+    input holds give it away, and the embedding's block is dropped."""
+
+    class FunctionalTie(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = nn.Embedding(11, 8)
+            self.mix = nn.Linear(8, 8)
+
+        def forward(self, ids):
+            return nn.functional.linear(torch.tanh(self.mix(self.tok(ids))), self.tok.weight)
+
+    torch.manual_seed(0)
+    model = FunctionalTie()
+    opt = lg.KFAC(model.parameters(), curvature_every=1)
+    handle = lg.attach(model, opt)
+    assert "tok" in handle.blocks  # attach cannot see the functional use
+    ids = torch.randint(0, 6, (4, 5))  # tokens 6..10 never occur as inputs
+    before = model.tok.weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match=r"'tok' \(Embedding\) gets gradient from outside"):
+        for _ in range(3):
+            opt.zero_grad()
+            logits = model(ids[:, :-1])
+            nn.functional.cross_entropy(logits.reshape(-1, 11), ids[:, 1:].reshape(-1)).backward()
+            opt.step()
+    key = next(k for k, b in opt.blocks.items() if b.name == "tok")
+    assert key not in opt._factors
+    assert not torch.equal(before, model.tok.weight)
+    assert opt.factors(next(k for k, b in opt.blocks.items() if b.name == "mix")).A is not None
 
 
 # ---------------------------------------------------------------------- registration

@@ -147,6 +147,12 @@ class KroneckerBlock(ABC):
         g_rows = max(g.shape[0] for g in g_parts)
         return A, torch.stack([_pad_rows(g, g_rows) for g in g_parts])
 
+    def foreign_gradient(self, grad: Tensor, a_sum: Tensor) -> bool:
+        """Whether the weight's gradient ``grad`` provably has contributions from outside this
+        layer (its weight used elsewhere too), given the window's input statistics ``a_sum``.
+        False when that cannot be told (the default)."""
+        return False
+
     @staticmethod
     def batch_size(x: Tensor) -> int:
         """Number of samples in the leading dimension (1 for an unbatched input)."""

@@ -51,6 +51,13 @@ class EmbeddingBlock(KroneckerBlock):
         (1 for a single id)."""
         return x.shape[0] if x.dim() >= 1 else 1
 
+    def foreign_gradient(self, grad: Tensor, a_sum: Tensor) -> bool:
+        """A token that no input of the window holds (or the padding token) gets no gradient
+        from the embedding: a non-zero gradient row there comes from another use of the weight
+        (e.g. an output layer ``F.linear(h, embedding.weight)``)."""
+        absent = a_sum[0] == 0
+        return bool(grad[absent].any())
+
     def input_rows(self, x: Tensor) -> Tensor:
         """Token ids ``(1, rows)``; ``padding_idx`` becomes -1 (a zero one-hot row)."""
         ids = x.reshape(1, -1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import Tensor
@@ -10,7 +11,7 @@ from lightning_grng.curvature.block import KroneckerBlock
 from lightning_grng.curvature.capture import FactorAccumulator, LossReduction
 from lightning_grng.curvature.inverse import working_dtype
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
-from lightning_grng.optim.base import GRNGOptimizer, ParamsT
+from lightning_grng.optim.base import FALLBACK_UPDATE, GRNGOptimizer, ParamsT
 from lightning_grng.optim.validation import check_choice, check_int, check_range
 
 
@@ -75,6 +76,8 @@ class KFAC(GRNGOptimizer):
         )
         self._factors: dict[str, KroneckerFactors] = {}
         self.inverse_failures = 0
+        #: Blocks whose weight gets gradient from another use too (fallback update).
+        self._foreign: set[str] = set()
 
     def _new_accumulator(self, block: KroneckerBlock) -> FactorAccumulator:
         return FactorAccumulator(block.n_in if block.diagonal_input else None)
@@ -85,7 +88,34 @@ class KFAC(GRNGOptimizer):
             self._factors[key] = KroneckerFactors(working_dtype(self._blocks[key].weight.dtype))
         return self._factors[key]
 
+    def _used_elsewhere(self, key: str, block: KroneckerBlock, accumulator: Any) -> bool:
+        """A block whose weight provably gets gradient from another use as well (an embedding
+        whose weight an output layer uses through ``F.linear``) keeps no factors: its
+        parameters get the fallback update, said once."""
+        if key in self._foreign:
+            return True
+        grad = block.weight.grad
+        if grad is None or accumulator.a_sum is None:
+            return False
+        if not block.foreign_gradient(grad, accumulator.a_sum):
+            return False
+        self._foreign.add(key)
+        self._factors.pop(key, None)
+        warnings.warn(
+            f"{type(self).__name__}: the weight of module '{block.name}' "
+            f"({type(block.module).__name__}) gets gradient from outside the module (tied to "
+            "an output layer through F.linear or a matmul?); one Kronecker block cannot "
+            f"precondition a gradient summed over two uses, so it gets the fallback update "
+            f"({FALLBACK_UPDATE}). Tie modules instead (head.weight = embedding.weight), which "
+            "attach() recognizes.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return True
+
     def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> bool:
+        if self._used_elsewhere(key, block, accumulator):
+            return True
         A, G = accumulator.averaged(LossReduction(self.loss_reduction))
         if not (A.isfinite().all() and G.isfinite().all()):
             return False
