@@ -7,6 +7,7 @@ from lightning_grng.__about__ import __version__
 from lightning_grng.attach import Coverage, CurvatureHandle, attach
 from lightning_grng.lightning import GRNGCallback, GRNGDDPStrategy, GRNGStrategy
 from lightning_grng.optim import KFAC, RENG, RING, GRNGOptimizer, RKalman, regularized_backward
+from lightning_grng.registry import register_block, unregister_block
 
 __all__ = [
     "KFAC",
@@ -21,7 +22,9 @@ __all__ = [
     "RKalman",
     "__version__",
     "attach",
+    "register_block",
     "regularized_backward",
+    "unregister_block",
 ]
 
 # The coverage line of attach() is information a user should see once, like Lightning's own

@@ -11,18 +11,12 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from lightning_grng.curvature.block import KroneckerBlock
+from lightning_grng.curvature.block import KroneckerBlock, Unsupported
 from lightning_grng.curvature.capture import BoundHook
-from lightning_grng.curvature.conv import Conv2dBlock
-from lightning_grng.curvature.linear import LinearBlock
 from lightning_grng.optim.base import GRNGOptimizer
+from lightning_grng.registry import blocks_for
 
 log = logging.getLogger("lightning_grng")
-
-_BLOCK_TYPES: tuple[tuple[type[nn.Module], type[KroneckerBlock]], ...] = (
-    (nn.Linear, LinearBlock),
-    (nn.Conv2d, Conv2dBlock),
-)
 
 
 @dataclass
@@ -94,13 +88,6 @@ class CurvatureHandle:
         self.optimizer._release(self)
 
 
-def _block_for(module: nn.Module, name: str, with_bias: bool) -> KroneckerBlock | None:
-    for module_type, block_type in _BLOCK_TYPES:
-        if isinstance(module, module_type):
-            return block_type(module, name, with_bias=with_bias)  # type: ignore[call-arg]
-    return None
-
-
 def _refuse_lazy(model: nn.Module, optimizer: GRNGOptimizer) -> None:
     """A lazy layer has no shape until its first forward, so no block can be built for it."""
     params = set(optimizer.flat_params())
@@ -152,13 +139,19 @@ def attach(
 ) -> CurvatureHandle:
     """Registers the curvature hooks of ``optimizer`` on the layers of ``model``.
 
-    Every ``nn.Linear`` / ``nn.Conv2d`` whose weight the optimizer trains gets a Kronecker block.
-    Other trainable modules (norm layers, embeddings, bare parameters) are named in one warning
-    and get the fallback update, and so does a layer whose weight is tied to another module's
-    (one block cannot precondition a gradient summed over two uses; a warning names both).
-    Attaching the same model twice returns another handle of the same attachment. The share of
-    trainable parameters the blocks cover and the modules that fall back are stated in one line
-    (logger ``lightning_grng``, INFO) and kept in ``handle.coverage``.
+    Layers whose weight the optimizer trains get a Kronecker block: ``nn.Linear``,
+    ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding`` (diagonal input factor; ``max_norm=None``
+    and dense gradients only; not with RKalman) and ``nn.MultiheadAttention`` (packed
+    ``in_proj_weight`` as q/k/v groups, and ``out_proj``; self- and cross-attention), plus any
+    type given a block with :func:`~lightning_grng.register_block` (looked up along the
+    module's MRO, most specific type first; a user registration overrides a built-in one).
+    Other trainable modules (norm layers, bare parameters, refused configurations with their
+    reason) are named in one warning and get the fallback update, and so does a layer whose
+    weight is tied to another module's (one block cannot precondition a gradient summed over
+    two uses; a warning names both). Attaching the same model twice returns another handle of
+    the same attachment.
+    The share of trainable parameters the blocks cover and the modules that fall back are
+    stated in one line (logger ``lightning_grng``, INFO) and kept in ``handle.coverage``.
 
     Raises:
         RuntimeError: a lazy layer (``nn.LazyLinear``) has not run its first forward yet, or
@@ -199,28 +192,43 @@ def attach(
     frozen: dict[Tensor, str] = {}
     tied: list[str] = []
     tied_modules: set[str] = set()
+    reasons: dict[str, list[str]] = {}
+    claimed: set[int] = set()  # modules whose weight another module's block captures
+
+    def trainable(p: Tensor | None) -> bool:
+        return isinstance(p, nn.Parameter) and p in index and p.requires_grad
+
     for name, module in model.named_modules():
+        if id(module) in claimed:
+            continue
+        found = blocks_for(module, name, trainable)
+        claimed.update(id(b.module) for b in found if isinstance(b, KroneckerBlock))
         if name in skip or type(module).__name__ in skip:
             continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter) or weight not in index:
-            continue
-        if not weight.requires_grad:
-            if _block_for(module, name, False) is not None:
-                frozen[weight] = name
-            continue
-        bias = getattr(module, "bias", None)
-        with_bias = isinstance(bias, nn.Parameter) and bias in index and bias.requires_grad
-        block = _block_for(module, name, with_bias)
-        if block is None:
-            continue
-        tied_here = [p for p in block.params() if p in shared]
-        if tied_here:
-            tied += [" and ".join(f"'{n}'" for n in shared[p]) for p in tied_here]
-            tied_modules.add(name)
-            continue
-        blocks[str(index[weight])] = block
-        covered.update(block.params())
+        for block in found:
+            if isinstance(block, Unsupported):
+                if not block.params or any(p in index and p.requires_grad for p in block.params):
+                    reasons.setdefault(name, []).append(block.reason)
+                continue
+            if block.name in skip or type(block.module).__name__ in skip:
+                continue  # e.g. skip_modules=["attn.out_proj"]: a block built by its parent
+            weight = block.weight
+            if not isinstance(weight, nn.Parameter) or weight not in index:
+                continue
+            if not weight.requires_grad:
+                frozen[weight] = block.name
+                continue
+            refusal = optimizer._refuses_block(block)
+            if refusal is not None:
+                reasons.setdefault(name, []).append(refusal)
+                continue
+            tied_here = [p for p in block.params() if p in shared]
+            if tied_here:
+                tied += [" and ".join(f"'{n}'" for n in shared[p]) for p in tied_here]
+                tied_modules.add(name)
+                continue
+            blocks[str(index[weight])] = block
+            covered.update(block.params())
 
     fallback_update = optimizer._fallback_text
     if tied:
@@ -232,7 +240,9 @@ def attach(
             stacklevel=2,
         )
     unsupported = [
-        f"'{name or '<root>'}' ({type(module).__name__})"
+        f"'{name or '<root>'}' ({type(module).__name__}"
+        + "".join(f"; {reason}" for reason in reasons.get(name, []))
+        + ")"
         for name, module in model.named_modules()
         if name not in tied_modules
         and any(
@@ -258,7 +268,7 @@ def attach(
         )
     if not blocks:
         warnings.warn(
-            f"{type(optimizer).__name__}: the model has no nn.Linear or nn.Conv2d layer the "
+            f"{type(optimizer).__name__}: the model has no layer with a Kronecker block that the "
             "optimizer trains, so every parameter gets the fallback update.",
             UserWarning,
             stacklevel=2,

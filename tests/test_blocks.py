@@ -172,3 +172,87 @@ def test_gradient_accumulation_equals_full_batch(cls):
         torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
     for p1, p2 in zip(finals[0][1], finals[1][1], strict=True):
         torch.testing.assert_close(p1, p2, rtol=1e-10, atol=1e-12)
+
+
+def _explicit_patches_1d(x, conv: nn.Conv1d):
+    """Conv1d patches by explicit indexing over output positions (no F.unfold)."""
+    (k,), (s,), (d,) = conv.kernel_size, conv.stride, conv.dilation
+    if conv.padding == "same":
+        total = d * (k - 1)
+        pad = (total // 2, total - total // 2)
+    else:
+        pad = (conv.padding[0], conv.padding[0])
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = nn.functional.pad(x, pad, mode=mode)
+    B, C, W = xp.shape
+    Wo = (W - d * (k - 1) - 1) // s + 1
+    cg = C // conv.groups
+    rows = [[] for _ in range(conv.groups)]
+    for b in range(B):
+        for j in range(Wo):
+            for g in range(conv.groups):
+                rows[g].append(
+                    xp[b, g * cg : (g + 1) * cg, j * s : j * s + d * (k - 1) + 1 : d].reshape(-1)
+                )
+    return [torch.stack(r) for r in rows]
+
+
+CONV1D_CASES = [
+    dict(in_channels=2, out_channels=3, kernel_size=3),
+    dict(in_channels=2, out_channels=4, kernel_size=2, stride=2, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=2, dilation=2, groups=2),
+    dict(in_channels=3, out_channels=3, kernel_size=3, groups=3, bias=False),
+    dict(in_channels=2, out_channels=2, kernel_size=4, padding="same", padding_mode="reflect"),
+    dict(
+        in_channels=2,
+        out_channels=2,
+        kernel_size=3,
+        padding="same",
+        dilation=2,
+        padding_mode="circular",
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs", CONV1D_CASES, ids=[str(i) for i in range(len(CONV1D_CASES))])
+def test_conv1d_factors_equal_explicit_patches(kwargs):
+    conv = nn.Conv1d(**kwargs).double()
+    model = nn.Sequential(conv, nn.Flatten())
+    opt = lg.KFAC(model.parameters(), curvature_every=1, ema_decay=0.0)
+    lg.attach(model, opt)
+    assert isinstance(opt.blocks["0"], lg.curvature.Conv1dBlock)
+    x = torch.randn(3, conv.in_channels, 9, dtype=torch.float64)
+    out = conv(x)
+    out.retain_grad()
+    head = torch.randn(out[0].numel(), 5, dtype=torch.float64)
+    y = torch.randint(0, 5, (3,))
+    nn.functional.cross_entropy(out.flatten(1) @ head, y).backward()
+    opt.step()
+
+    rows = _explicit_patches_1d(x, conv)
+    og = conv.out_channels // conv.groups
+    factors = opt.factors("0")
+    n_in = rows[0].shape[1] + (conv.bias is not None)
+    assert factors.A.shape == (conv.groups, n_in, n_in)
+    for g in range(conv.groups):
+        a = rows[g]
+        if conv.bias is not None:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+        d = out.grad[:, g * og : (g + 1) * og].permute(0, 2, 1).reshape(-1, og)
+        torch.testing.assert_close(factors.A[g], a.T @ a / a.shape[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(factors.G[g], 3 * d.T @ d, rtol=1e-12, atol=1e-14)
+
+
+def test_conv1d_unbatched_input_matches_batch_of_one():
+    conv = nn.Conv1d(2, 3, kernel_size=3, padding=1).double()
+    factors = []
+    for x in (torch.randn(2, 6, dtype=torch.float64),):
+        for batched in (False, True):
+            opt = lg.KFAC(conv.parameters(), curvature_every=1, ema_decay=0.0)
+            handle = lg.attach(conv, opt)
+            conv(x.unsqueeze(0) if batched else x).pow(2).sum().backward()
+            opt.step()
+            factors.append(opt.factors("0").A.clone())
+            handle.remove()
+            conv.zero_grad()
+    torch.testing.assert_close(factors[0], factors[1])

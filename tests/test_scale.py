@@ -107,7 +107,9 @@ def _mlp_with_norm(norm: bool = True) -> nn.Module:
 
 def _batch():
     g = torch.Generator().manual_seed(2)
-    return torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+    return torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (16,), generator=g
+    )
 
 
 def _train(cls, c: float, steps: int = 4, norm: bool = False, **kw) -> list[Tensor]:

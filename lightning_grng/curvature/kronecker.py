@@ -18,7 +18,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from lightning_grng.curvature.inverse import newton_schulz_inverse, spd_eigh
+from lightning_grng.curvature.inverse import NewtonSchulzResult, newton_schulz_inverse, spd_eigh
 
 
 class InverseMethod(str, Enum):
@@ -27,8 +27,10 @@ class InverseMethod(str, Enum):
 
 
 def pi_split(A: Tensor, G: Tensor) -> Tensor:
-    """π per group: ``sqrt((tr A / dim A) / (tr G / dim G))`` (Martens & Grosse 2015, §6.3)."""
-    mean_a = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1)
+    """π per group: ``sqrt((tr A / dim A) / (tr G / dim G))`` (Martens & Grosse 2015, §6.3).
+
+    ``A`` may be stored as its diagonal ``(g, n)``."""
+    mean_a = (A if A.dim() == 2 else torch.diagonal(A, dim1=-2, dim2=-1)).mean(-1)
     mean_g = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)
     tiny = torch.finfo(mean_a.dtype).tiny
     return torch.sqrt(mean_a.clamp_min(tiny) / mean_g.clamp_min(tiny))
@@ -39,8 +41,18 @@ def _add_to_diagonal(M: Tensor, value: Tensor) -> Tensor:
     return M + value[..., None, None] * eye
 
 
+def _diagonal_inverse(d: Tensor) -> NewtonSchulzResult:
+    """Inverse of a positive diagonal matrix stored as its diagonal: ``1/d`` elementwise
+    (exact, so no Newton step is taken)."""
+    return NewtonSchulzResult(d.reciprocal(), 0, 0.0, False)
+
+
 class KroneckerFactors:
     """EMA factors A ``(g, n_in, n_in)`` and G ``(g, n_out, n_out)`` of one block.
+
+    A diagonal A (an embedding's) is stored as ``(g, n_in)``: its eigenvalues are the diagonal
+    and its eigenvectors the identity (``evec_A`` stays None), and its Newton inverse is the
+    elementwise reciprocal of the damped diagonal.
 
     Args:
         dtype: storage dtype of the factors (statistics arrive in float32 or better and are cast).
@@ -64,15 +76,19 @@ class KroneckerFactors:
     @property
     def ready(self) -> bool:
         """Whether an inverse representation exists (a preconditioner can be applied)."""
-        return self.evec_A is not None or self.inv_A is not None
+        return self.eval_A is not None or self.inv_A is not None
+
+    @property
+    def a_is_diagonal(self) -> bool:
+        """A is stored as its diagonal ``(g, n_in)``."""
+        return self.A is not None and self.A.dim() == 2
 
     def mean_eigenvalue(self) -> Tensor:
         """Mean eigenvalue of ``A ⊗ G`` per group, ``(tr A / n_A)·(tr G / n_G)``, shape
         ``(groups,)``: the unit of relative damping (``docs/algorithms.md`` §2)."""
         assert self.A is not None and self.G is not None
-        mean_a = torch.diagonal(self.A, dim1=-2, dim2=-1).mean(-1)
-        mean_g = torch.diagonal(self.G, dim1=-2, dim2=-1).mean(-1)
-        return mean_a * mean_g
+        diag_a = self.A if self.a_is_diagonal else torch.diagonal(self.A, dim1=-2, dim2=-1)
+        return diag_a.mean(-1) * torch.diagonal(self.G, dim1=-2, dim2=-1).mean(-1)
 
     @property
     def finite(self) -> bool:
@@ -103,19 +119,27 @@ class KroneckerFactors:
             return False
         if method is InverseMethod.EIGH:
             try:
-                eval_A, evec_A = spd_eigh(self.A)
+                if self.a_is_diagonal:
+                    eval_A, evec_A = self.A.clamp_min(0.0), None  # type: ignore[union-attr]
+                else:
+                    eval_A, evec_A = spd_eigh(self.A)
                 eval_G, evec_G = spd_eigh(self.G)
             except torch.linalg.LinAlgError:
                 return False
-            if not all(torch.isfinite(t).all() for t in (eval_A, evec_A, eval_G, evec_G)):
+            decomposed = [t for t in (eval_A, evec_A, eval_G, evec_G) if t is not None]
+            if not all(torch.isfinite(t).all() for t in decomposed):
                 return False
             self.eval_A, self.evec_A, self.eval_G, self.evec_G = eval_A, evec_A, eval_G, evec_G
             self.inv_A = self.inv_G = None
             return True
         pi = pi_split(self.A, self.G)
         root = torch.as_tensor(damping, dtype=self.A.dtype, device=self.A.device).sqrt()
-        res_A = newton_schulz_inverse(
-            _add_to_diagonal(self.A, pi * root), self.inv_A, max_iters=newton_iters
+        res_A = (
+            _diagonal_inverse(self.A + (pi * root)[..., None])
+            if self.a_is_diagonal
+            else newton_schulz_inverse(
+                _add_to_diagonal(self.A, pi * root), self.inv_A, max_iters=newton_iters
+            )
         )
         res_G = newton_schulz_inverse(
             _add_to_diagonal(self.G, root / pi), self.inv_G, max_iters=newton_iters
@@ -135,18 +159,23 @@ class KroneckerFactors:
         the last refresh is used and ``damping`` is ignored.
         """
         dtype = V.dtype
-        if self.evec_A is not None:
+        if self.eval_A is not None:
             QA, QG = self.evec_A, self.evec_G
-            assert QG is not None and self.eval_G is not None and self.eval_A is not None
-            Vw = V.to(QA.dtype)
-            rotated = QG.transpose(-1, -2) @ Vw @ QA
+            assert QG is not None and self.eval_G is not None
+            rotated = QG.transpose(-1, -2) @ V.to(QG.dtype)
+            if QA is not None:  # a diagonal A is its own eigenbasis
+                rotated = rotated @ QA
             gamma = torch.as_tensor(damping, dtype=rotated.dtype, device=rotated.device)
             if gamma.dim() == 1:
                 gamma = gamma[:, None, None]
             rotated = rotated / (self.eval_G[..., :, None] * self.eval_A[..., None, :] + gamma)
-            return (QG @ rotated @ QA.transpose(-1, -2)).to(dtype)
+            out = QG @ rotated
+            return (out if QA is None else out @ QA.transpose(-1, -2)).to(dtype)
         assert self.inv_A is not None and self.inv_G is not None
-        return (self.inv_G @ V.to(self.inv_G.dtype) @ self.inv_A).to(dtype)
+        out = self.inv_G @ V.to(self.inv_G.dtype)
+        if self.inv_A.dim() == 2:  # the inverse of a diagonal A, as its diagonal
+            return (out * self.inv_A[..., None, :]).to(dtype)
+        return (out @ self.inv_A).to(dtype)
 
     def state_dict(self) -> dict[str, object]:
         state: dict[str, object] = {"updates": self.updates}

@@ -188,6 +188,11 @@ class GRNGOptimizer(Optimizer):
     def _new_accumulator(self, block: KroneckerBlock) -> Any:
         raise NotImplementedError
 
+    def _refuses_block(self, block: KroneckerBlock) -> str | None:
+        """Why this optimizer cannot use ``block`` (its parameters then get the fallback), or
+        None. Every block is usable by default."""
+        return None
+
     # ------------------------------------------------------------------ sharding (DDP)
     @property
     def _sharded(self) -> bool:
@@ -517,7 +522,7 @@ class GRNGOptimizer(Optimizer):
             f"{type(self).__name__}: the curvature hooks of module '{block.name}' "
             f"({type(block.module).__name__}) never fired although its parameters have "
             "gradients; it is probably called through a functional path (e.g. "
-            "MultiheadAttention.out_proj). It gets the fallback update "
+            "F.linear(x, layer.weight) instead of layer(x)). It gets the fallback update "
             f"({self._fallback_text}) until statistics arrive; exclude it with "
             f"attach(..., skip_modules=['{block.name}']) to silence this.",
             RuntimeWarning,
@@ -600,15 +605,21 @@ class GRNGOptimizer(Optimizer):
         raise NotImplementedError
 
     def _check_factor_shapes(
-        self, block: KroneckerBlock, factors: dict[str, Any], label: str = "factor"
+        self,
+        block: KroneckerBlock,
+        factors: dict[str, Any],
+        label: str = "factor",
+        diagonal: tuple[str, ...] = (),
     ) -> None:
-        """Refuses a checkpoint whose factor ``name -> (tensor, n)`` is not ``(groups, n, n)``."""
+        """Refuses a checkpoint whose factor ``name -> (tensor, n)`` is not ``(groups, n, n)``
+        (``(groups, n)`` for the names in ``diagonal``: factors stored as their diagonal)."""
         for name, (value, n) in factors.items():
-            if value is not None and tuple(value.shape) != (block.groups, n, n):
+            expected = (block.groups, n) if name in diagonal else (block.groups, n, n)
+            if value is not None and tuple(value.shape) != expected:
                 raise ValueError(
                     f"{type(self).__name__}.load_state_dict: {label} {name} of module "
                     f"'{block.name}' has shape {tuple(value.shape)}, expected "
-                    f"{(block.groups, n, n)}; the checkpoint belongs to another model."
+                    f"{expected}; the checkpoint belongs to another model."
                 )
 
     def _drop_block_state(self, key: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from enum import Enum
 from typing import Any
 
@@ -29,8 +30,9 @@ class DampingMode(str, Enum):
 class KFAC(GRNGOptimizer):
     """Kronecker-factored natural gradient: ``U = (A ⊗ G + λI)⁻¹ g`` per layer.
 
-    ``nn.Linear`` and ``nn.Conv2d`` layers get a Kronecker block; every other trainable parameter
-    gets the fallback update (momentum SGD on its gradient). Hooks are attached with
+    ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding`` and ``nn.MultiheadAttention``
+    layers (and registered types, :func:`lightning_grng.register_block`) get a Kronecker block;
+    every other trainable parameter gets the fallback update. Hooks are attached with
     :func:`lightning_grng.attach` (plain PyTorch) or by :class:`lightning_grng.GRNGCallback`.
 
     Args:
@@ -65,7 +67,7 @@ class KFAC(GRNGOptimizer):
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        damping: float = 1e-3,
+        damping: float = 100.0,
         damping_mode: str = "relative",
         ema_decay: float = 0.95,
         curvature_every: int = 5,
@@ -99,9 +101,11 @@ class KFAC(GRNGOptimizer):
         )
         self._factors: dict[str, KroneckerFactors] = {}
         self.inverse_failures = 0
+        #: Blocks whose weight gets gradient from another use too (fallback update).
+        self._foreign: set[str] = set()
 
     def _new_accumulator(self, block: KroneckerBlock) -> FactorAccumulator:
-        return FactorAccumulator()
+        return FactorAccumulator(block.n_in if block.diagonal_input else None)
 
     def factors(self, key: str) -> KroneckerFactors:
         """The factor state of block ``key`` (created on first use)."""
@@ -109,7 +113,34 @@ class KFAC(GRNGOptimizer):
             self._factors[key] = KroneckerFactors(working_dtype(self._blocks[key].weight.dtype))
         return self._factors[key]
 
+    def _used_elsewhere(self, key: str, block: KroneckerBlock, accumulator: Any) -> bool:
+        """A block whose weight provably gets gradient from another use as well (an embedding
+        whose weight an output layer uses through ``F.linear``) keeps no factors: its
+        parameters get the fallback update, said once."""
+        if key in self._foreign:
+            return True
+        grad = block.weight.grad
+        if grad is None or accumulator.a_sum is None:
+            return False
+        if not block.foreign_gradient(grad, accumulator.a_sum):
+            return False
+        self._foreign.add(key)
+        self._factors.pop(key, None)
+        warnings.warn(
+            f"{type(self).__name__}: the weight of module '{block.name}' "
+            f"({type(block.module).__name__}) gets gradient from outside the module (tied to "
+            "an output layer through F.linear or a matmul?); one Kronecker block cannot "
+            f"precondition a gradient summed over two uses, so it gets the fallback update "
+            f"({self._fallback_text}). Tie modules instead (head.weight = embedding.weight), which "
+            "attach() recognizes.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return True
+
     def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> bool:
+        if self._used_elsewhere(key, block, accumulator):
+            return True
         A, G = accumulator.averaged(LossReduction(self.loss_reduction))
         if not (A.isfinite().all() and G.isfinite().all()):
             return False
@@ -167,7 +198,9 @@ class KFAC(GRNGOptimizer):
         factors = KroneckerFactors(working_dtype(block.weight.dtype))
         factors.load_state_dict(state, block.weight.device)
         self._check_factor_shapes(
-            block, {"A": (factors.A, block.n_in), "G": (factors.G, block.n_out)}
+            block,
+            {"A": (factors.A, block.n_in), "G": (factors.G, block.n_out)},
+            diagonal=("A",) if block.diagonal_input else (),
         )
         self._factors[key] = factors
 

@@ -67,7 +67,7 @@ class RENG(KFAC):
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        damping: float = 1e-3,
+        damping: float = 100.0,
         damping_mode: str = "relative",
         rho: float = 0.1,
         ema_decay: float = 0.95,

@@ -177,6 +177,14 @@ class RKalman(GRNGOptimizer):
             need_g=self.observation_noise is None,
         )
 
+    def _refuses_block(self, block: KroneckerBlock) -> str | None:
+        if block.diagonal_input:
+            return (
+                "RKalman filters a dense P_A (n_in × n_in), which for an embedding would be "
+                "vocab × vocab; KFAC, RING and RENG keep its A diagonal"
+            )
+        return None
+
     def filter(self, key: str) -> KalmanFactors | None:
         """The filter state of block ``key`` (None before its first update)."""
         return self._filters.get(key)
