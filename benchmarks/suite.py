@@ -67,10 +67,10 @@ CURVE_FIELDS = (
 STABILITY = {
     "task": "fashion_mnist",
     "optimizers": ["KFAC", "RING", "RENG"],
-    "dampings": [0.01, 0.1, 1.0],
+    "dampings": [10.0, 100.0, 1000.0],  # relative damping (docs/algorithms.md §2)
     "lrs": [0.03, 0.1, 0.3],
 }
-DEFAULT_DAMPING = 0.1  # KFAC's, RING's and RENG's default (asserted in tests)
+DEFAULT_DAMPING = 100.0  # KFAC's, RING's and RENG's default (asserted in tests)
 STEP_TIME_ROUNDS = {"full": 60, "quick": 20, "tiny": 3}
 GRID_STEP = 3.0  # a grid grows by one ×3 step beyond the edge its best point sits on
 MAX_EXTENSIONS = 3

@@ -2,23 +2,53 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from lightning_grng.curvature.block import KroneckerBlock
+from lightning_grng.curvature.block import KroneckerBlock, Unsupported
 from lightning_grng.curvature.capture import BoundHook
-from lightning_grng.curvature.conv import Conv2dBlock
-from lightning_grng.curvature.linear import LinearBlock
-from lightning_grng.optim.base import FALLBACK_UPDATE, GRNGOptimizer
+from lightning_grng.optim.base import GRNGOptimizer
+from lightning_grng.registry import blocks_for
 
-_BLOCK_TYPES: tuple[tuple[type[nn.Module], type[KroneckerBlock]], ...] = (
-    (nn.Linear, LinearBlock),
-    (nn.Conv2d, Conv2dBlock),
-)
+log = logging.getLogger("lightning_grng")
+
+
+@dataclass
+class Coverage:
+    """What share of the trainable parameters the Kronecker blocks cover.
+
+    Attributes:
+        optimizer: the optimizer's class name.
+        covered: trainable parameter count (elements) inside Kronecker blocks.
+        total: trainable parameter count of the optimizer on this model.
+        layers: number of Kronecker blocks.
+        fallback: ``'name' (Type)`` of every module whose parameters get the fallback update.
+        update: how the fallback update is named.
+    """
+
+    optimizer: str
+    covered: int
+    total: int
+    layers: int
+    update: str
+    fallback: list[str] = field(default_factory=list)
+
+    @property
+    def share(self) -> float:
+        return self.covered / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        rest = ", ".join(self.fallback) if self.fallback else "none"
+        return (
+            f"{self.optimizer}: Kronecker blocks cover {self.share:.1%} of {self.total:,} "
+            f"trainable parameters ({self.layers} layers); fallback ({self.update}): {rest}"
+        )
 
 
 class CurvatureHandle:
@@ -31,14 +61,20 @@ class CurvatureHandle:
         optimizer: the optimizer the hooks feed.
         blocks: module name -> Kronecker block.
         unsupported: names of trainable modules that get the fallback update.
+        coverage: the share of trainable parameters in Kronecker blocks (:class:`Coverage`).
     """
 
     def __init__(
-        self, optimizer: GRNGOptimizer, blocks: dict[str, KroneckerBlock], unsupported: list[str]
+        self,
+        optimizer: GRNGOptimizer,
+        blocks: dict[str, KroneckerBlock],
+        unsupported: list[str],
+        coverage: Coverage,
     ) -> None:
         self.optimizer = optimizer
         self.blocks = {block.name: block for block in blocks.values()}
         self.unsupported = unsupported
+        self.coverage = coverage
         optimizer._live_handles.append(self)
 
     @property
@@ -50,13 +86,6 @@ class CurvatureHandle:
         """Releases this handle; the hooks go with the last handle of the attachment. The
         optimizer keeps its curvature state (re-attaching resumes)."""
         self.optimizer._release(self)
-
-
-def _block_for(module: nn.Module, name: str, with_bias: bool) -> KroneckerBlock | None:
-    for module_type, block_type in _BLOCK_TYPES:
-        if isinstance(module, module_type):
-            return block_type(module, name, with_bias=with_bias)  # type: ignore[call-arg]
-    return None
 
 
 def _refuse_lazy(model: nn.Module, optimizer: GRNGOptimizer) -> None:
@@ -106,14 +135,23 @@ def attach(
     optimizer: GRNGOptimizer,
     skip_modules: Iterable[str] = (),
     grad_scaler: Any = None,
+    report: bool = True,
 ) -> CurvatureHandle:
     """Registers the curvature hooks of ``optimizer`` on the layers of ``model``.
 
-    Every ``nn.Linear`` / ``nn.Conv2d`` whose weight the optimizer trains gets a Kronecker block.
-    Other trainable modules (norm layers, embeddings, bare parameters) are named in one warning
-    and get the fallback update, and so does a layer whose weight is tied to another module's
-    (one block cannot precondition a gradient summed over two uses; a warning names both).
-    Attaching the same model twice returns another handle of the same attachment.
+    Layers whose weight the optimizer trains get a Kronecker block: ``nn.Linear``,
+    ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding`` (diagonal input factor; ``max_norm=None``
+    and dense gradients only; not with RKalman) and ``nn.MultiheadAttention`` (packed
+    ``in_proj_weight`` as q/k/v groups, and ``out_proj``; self- and cross-attention), plus any
+    type given a block with :func:`~lightning_grng.register_block` (looked up along the
+    module's MRO, most specific type first; a user registration overrides a built-in one).
+    Other trainable modules (norm layers, bare parameters, refused configurations with their
+    reason) are named in one warning and get the fallback update, and so does a layer whose
+    weight is tied to another module's (one block cannot precondition a gradient summed over
+    two uses; a warning names both). Attaching the same model twice returns another handle of
+    the same attachment.
+    The share of trainable parameters the blocks cover and the modules that fall back are
+    stated in one line (logger ``lightning_grng``, INFO) and kept in ``handle.coverage``.
 
     Raises:
         RuntimeError: a lazy layer (``nn.LazyLinear``) has not run its first forward yet, or
@@ -126,6 +164,7 @@ def attach(
         skip_modules: qualified module names (or class names) to leave without a block.
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 AMP loop, so the curvature is
             built from unscaled gradients (``GradScaler.unscale_`` only unscales ``.grad``).
+        report: log the coverage line (the Lightning callback passes False on ranks > 0).
 
     Returns:
         A :class:`CurvatureHandle`; call ``handle.remove()`` to take the hooks off.
@@ -137,7 +176,8 @@ def attach(
         )
     if optimizer.attached:
         if optimizer._model is model:
-            return CurvatureHandle(optimizer, optimizer.blocks, [])
+            coverage = optimizer._live_handles[0].coverage
+            return CurvatureHandle(optimizer, optimizer.blocks, [], coverage)
         raise RuntimeError(
             f"{type(optimizer).__name__} is already attached to another model; call "
             "handle.remove() on the first handle before attaching again."
@@ -152,39 +192,57 @@ def attach(
     frozen: dict[Tensor, str] = {}
     tied: list[str] = []
     tied_modules: set[str] = set()
+    reasons: dict[str, list[str]] = {}
+    claimed: set[int] = set()  # modules whose weight another module's block captures
+
+    def trainable(p: Tensor | None) -> bool:
+        return isinstance(p, nn.Parameter) and p in index and p.requires_grad
+
     for name, module in model.named_modules():
+        if id(module) in claimed:
+            continue
+        found = blocks_for(module, name, trainable)
+        claimed.update(id(b.module) for b in found if isinstance(b, KroneckerBlock))
         if name in skip or type(module).__name__ in skip:
             continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter) or weight not in index:
-            continue
-        if not weight.requires_grad:
-            if _block_for(module, name, False) is not None:
-                frozen[weight] = name
-            continue
-        bias = getattr(module, "bias", None)
-        with_bias = isinstance(bias, nn.Parameter) and bias in index and bias.requires_grad
-        block = _block_for(module, name, with_bias)
-        if block is None:
-            continue
-        tied_here = [p for p in block.params() if p in shared]
-        if tied_here:
-            tied += [" and ".join(f"'{n}'" for n in shared[p]) for p in tied_here]
-            tied_modules.add(name)
-            continue
-        blocks[str(index[weight])] = block
-        covered.update(block.params())
+        for block in found:
+            if isinstance(block, Unsupported):
+                if not block.params or any(p in index and p.requires_grad for p in block.params):
+                    reasons.setdefault(name, []).append(block.reason)
+                continue
+            if block.name in skip or type(block.module).__name__ in skip:
+                continue  # e.g. skip_modules=["attn.out_proj"]: a block built by its parent
+            weight = block.weight
+            if not isinstance(weight, nn.Parameter) or weight not in index:
+                continue
+            if not weight.requires_grad:
+                frozen[weight] = block.name
+                continue
+            refusal = optimizer._refuses_block(block)
+            if refusal is not None:
+                reasons.setdefault(name, []).append(refusal)
+                continue
+            tied_here = [p for p in block.params() if p in shared]
+            if tied_here:
+                tied += [" and ".join(f"'{n}'" for n in shared[p]) for p in tied_here]
+                tied_modules.add(name)
+                continue
+            blocks[str(index[weight])] = block
+            covered.update(block.params())
 
+    fallback_update = optimizer._fallback_text
     if tied:
         warnings.warn(
             f"{type(optimizer).__name__}: tied weights: {'; '.join(tied)} are one parameter; "
             "its gradient sums both uses, which one Kronecker block cannot precondition, so it "
-            f"(and its layer) gets the fallback update ({FALLBACK_UPDATE}).",
+            f"(and its layer) gets the fallback update ({fallback_update}).",
             UserWarning,
             stacklevel=2,
         )
     unsupported = [
-        f"'{name or '<root>'}' ({type(module).__name__})"
+        f"'{name or '<root>'}' ({type(module).__name__}"
+        + "".join(f"; {reason}" for reason in reasons.get(name, []))
+        + ")"
         for name, module in model.named_modules()
         if name not in tied_modules
         and any(
@@ -192,20 +250,31 @@ def attach(
             for p in module.parameters(recurse=False)
         )
     ]
+    trainable = {p for p in index if p.requires_grad}
+    coverage = Coverage(
+        optimizer=type(optimizer).__name__,
+        covered=sum(p.numel() for p in covered),
+        total=sum(p.numel() for p in trainable),
+        layers=len(blocks),
+        update=fallback_update,
+        fallback=[*unsupported, *(f"'{n}' (tied)" for n in sorted(tied_modules))],
+    )
     if unsupported:
         warnings.warn(
             f"{type(optimizer).__name__}: no Kronecker block for {', '.join(unsupported)}; "
-            f"their parameters get the fallback update ({FALLBACK_UPDATE}).",
+            f"their parameters get the fallback update ({fallback_update}).",
             UserWarning,
             stacklevel=2,
         )
     if not blocks:
         warnings.warn(
-            f"{type(optimizer).__name__}: the model has no nn.Linear or nn.Conv2d layer the "
+            f"{type(optimizer).__name__}: the model has no layer with a Kronecker block that the "
             "optimizer trains, so every parameter gets the fallback update.",
             UserWarning,
             stacklevel=2,
         )
     optimizer._attach(model, blocks, frozen)
     optimizer._gate.grad_scaler = grad_scaler
-    return CurvatureHandle(optimizer, blocks, unsupported)
+    if report:
+        log.info("%s", coverage)
+    return CurvatureHandle(optimizer, blocks, unsupported, coverage)

@@ -196,14 +196,19 @@ def test_reng_finite_difference_needs_a_closure():
 
 
 def test_unsupported_modules_get_one_warning_naming_them():
-    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.LayerNorm(4), nn.Linear(4, 2))
     model.register_parameter("temperature", nn.Parameter(torch.ones(())))
     opt = lg.KFAC(model.parameters())
     with pytest.warns(UserWarning) as record:
         lg.attach(model, opt)
     messages = [str(w.message) for w in record if "no Kronecker block" in str(w.message)]
     assert len(messages) == 1
-    for name in ("'0' (Embedding)", "'1' (LayerNorm)", "'<root>' (Sequential)", "fallback"):
+    for name in (
+        "'0' (Embedding; max_norm",
+        "'1' (LayerNorm)",
+        "'<root>' (Sequential)",
+        "fallback",
+    ):
         assert name in messages[0]
     # the fallback really updates them
     before = model[0].weight.detach().clone()
@@ -213,31 +218,31 @@ def test_unsupported_modules_get_one_warning_naming_them():
 
 
 def test_module_whose_hooks_never_fire_is_named():
-    """MultiheadAttention calls out_proj through F.linear: its hooks never fire."""
+    """A Linear whose weight is used through F.linear: its hooks never fire."""
 
-    class Attn(nn.Module):
+    class Functional(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.proj = nn.Linear(8, 8)
             self.head = nn.Linear(8, 2)
 
         def forward(self, x):
-            return self.head(self.attn(x, x, x)[0].mean(1))
+            return self.head(nn.functional.linear(x, self.proj.weight, self.proj.bias).mean(1))
 
-    model = Attn()
+    model = Functional()
     opt = lg.KFAC(model.parameters(), curvature_every=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lg.attach(model, opt)
     x = torch.randn(4, 5, 8)
-    with pytest.warns(RuntimeWarning, match=r"'attn\.out_proj'.*never fired"):
+    with pytest.warns(RuntimeWarning, match=r"'proj'.*never fired"):
         nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 0, 1])).backward()
         opt.step()
-    before = model.attn.out_proj.weight.detach().clone()
+    before = model.proj.weight.detach().clone()
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 0, 1])).backward()
     opt.step()  # fallback update, no second warning, no crash
-    assert not torch.equal(before, model.attn.out_proj.weight)
+    assert not torch.equal(before, model.proj.weight)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

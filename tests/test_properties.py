@@ -18,7 +18,10 @@ from torch.func import functional_call, grad, jvp
 
 import lightning_grng as lg
 
-EXACT = dict(lr=1.0, momentum=0.0, kl_clip=None, curvature_every=1, inverse_every=1)
+# Absolute damping: the dense references take γ itself (relative mode: tests/test_scale.py).
+EXACT = dict(
+    lr=1.0, momentum=0.0, kl_clip=None, curvature_every=1, inverse_every=1, damping_mode="absolute"
+)
 
 
 def _step(opt, model, x, y, create_graph=False):

@@ -154,7 +154,9 @@ def test_tied_weight_is_named_once_and_gets_the_fallback_update():
 
     torch.manual_seed(0)
     model = TiedLM()
-    opt = lg.KFAC(model.parameters(), lr=0.1, momentum=0.0, kl_clip=None, curvature_every=1)
+    opt = lg.KFAC(
+        model.parameters(), lr=0.1, momentum=0.0, kl_clip=None, curvature_every=1, fallback="sgd"
+    )
     with pytest.warns(UserWarning) as record:
         lg.attach(model, opt)
     tied = [str(w.message) for w in record if "tied" in str(w.message)]

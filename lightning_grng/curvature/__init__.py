@@ -1,6 +1,7 @@
 """The curvature engine: Kronecker blocks, capture hooks, factor state and inverse routines."""
 
-from lightning_grng.curvature.block import KroneckerBlock
+from lightning_grng.curvature.attention import InProjBlock, OutProjBlock
+from lightning_grng.curvature.block import ForwardRecord, KroneckerBlock, Unsupported
 from lightning_grng.curvature.capture import (
     CaptureGate,
     CurvatureCapture,
@@ -8,22 +9,29 @@ from lightning_grng.curvature.capture import (
     FisherType,
     LossReduction,
 )
-from lightning_grng.curvature.conv import Conv2dBlock
+from lightning_grng.curvature.conv import Conv1dBlock, Conv2dBlock
+from lightning_grng.curvature.embedding import EmbeddingBlock
 from lightning_grng.curvature.inverse import newton_schulz_inverse, spd_eigh
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
 from lightning_grng.curvature.linear import LinearBlock
 
 __all__ = [
     "CaptureGate",
+    "Conv1dBlock",
     "Conv2dBlock",
     "CurvatureCapture",
+    "EmbeddingBlock",
     "FactorAccumulator",
     "FisherType",
+    "ForwardRecord",
+    "InProjBlock",
     "InverseMethod",
     "KroneckerBlock",
     "KroneckerFactors",
     "LinearBlock",
     "LossReduction",
+    "OutProjBlock",
+    "Unsupported",
     "newton_schulz_inverse",
     "spd_eigh",
 ]

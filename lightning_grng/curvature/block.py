@@ -11,10 +11,37 @@ Kronecker pair per group and a Linear layer is simply ``groups == 1``. Matrices 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+#: ``record(module, x, output, batch, part=None, call=None)``: one forward use of a block's weight.
+#: ``x`` is what :meth:`KroneckerBlock.input_rows` takes, ``output`` the tensor whose gradient
+#: gives δ, ``batch`` the number of samples, ``part`` the groups this use feeds (None: all) and
+#: ``call`` a token shared by the uses of one forward that feed different groups.
+ForwardRecord = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A block factory's answer for a configuration it cannot give a block: the parameters it
+    names get the fallback update, and ``reason`` is said in :func:`~lightning_grng.attach`'s
+    warning.
+
+    Attributes:
+        reason: why, in a few words (said after the module's name in attach's warning).
+        params: the parameters concerned: the reason is said when the optimizer trains one of
+            them (always, when empty).
+    """
+
+    reason: str
+    params: tuple[nn.Parameter, ...] = ()
 
 
 class KroneckerBlock(ABC):
@@ -26,7 +53,11 @@ class KroneckerBlock(ABC):
         groups: number of independent Kronecker pairs (conv groups; 1 for Linear).
         n_in: input-factor size per group (fan-in, +1 with a folded bias).
         n_out: output-factor size per group.
+        diagonal_input: A is diagonal (an embedding's one-hot inputs): ``input_rows`` gives
+            indices, statistics are counts and A is stored as ``(groups, n_in)``.
     """
+
+    diagonal_input: ClassVar[bool] = False
 
     def __init__(
         self, module: nn.Module, name: str, groups: int, fan_in: int, n_out: int, with_bias: bool
@@ -65,9 +96,71 @@ class KroneckerBlock(ABC):
     def output_grad_rows(self, grad_output: Tensor) -> Tensor:
         """Output-gradient rows δ, shape ``(groups, rows, n_out)``."""
 
-    @staticmethod
-    def batch_size(x: Tensor) -> int:
-        """Number of samples in the leading dimension (1 for an unbatched input)."""
+    def register_capture(
+        self, record: ForwardRecord, bind: Callable[[Callable[..., Any]], Any]
+    ) -> list[RemovableHandle]:
+        """Makes every forward use of the weight call ``record``; returns the hook handles.
+
+        ``bind`` wraps each hook before it is registered (the capture's ``BoundHook``: copies of
+        the model carry inert hooks and can be pickled).
+
+        Default: a forward hook on :attr:`module` (its first argument is the input). A block
+        whose weight is used functionally (``MultiheadAttention``) registers something else.
+        """
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if module is not self.module:
+                return  # a copy of the module (deepcopy carries the hook): inert
+            x = args[0] if args else kwargs["input"]
+            record(module, x, output, self.samples(x))
+
+        return [self.module.register_forward_hook(bind(hook), with_kwargs=True)]
+
+    def joined_rows(
+        self, parts: list[tuple[slice | None, Any, Tensor | None]]
+    ) -> tuple[Tensor, Tensor | None]:
+        """Input and output-gradient rows of one forward whose groups were fed by separate
+        calls, from ``(groups, x, output-gradient rows)`` per call.
+
+        A group fed with fewer rows than another is padded with zero rows (which add nothing
+        to a Gram matrix) and its input rows are scaled by ``sqrt(R / R_g)``, so dividing by
+        the common count R gives every group the mean over its own rows; its output-gradient
+        rows are scaled by ``sqrt(R_g / R)``, so ``G = R·Σ δδᵀ`` gives every group
+        ``R_g·Σ δ_g δ_gᵀ``, its own rows as samples (``docs/algorithms.md`` §1).
+        """
+        a_parts: list[Tensor] = []
+        g_parts: list[Tensor] = []
+        for part, x, g in sorted(parts, key=lambda p: 0 if p[0] is None else p[0].start):
+            width = self.groups if part is None else part.stop - part.start
+            a = self.input_rows(x)
+            a_parts += list(a.expand(width, *a.shape[1:]))
+            if g is not None:
+                g_parts += list(g)
+        if len(a_parts) != self.groups or (g_parts and len(g_parts) != self.groups):
+            raise ValueError(
+                f"module '{self.name}': the parts feed {len(a_parts)} of {self.groups} groups"
+            )
+        rows = max(a.shape[0] for a in a_parts)
+        A = torch.stack(
+            [_pad_rows(a * math.sqrt(rows / max(a.shape[0], 1)), rows) for a in a_parts]
+        )
+        if not g_parts:
+            return A, None
+        # Rows are samples: group g's G is R_g·Σ δδᵀ. The caller counts R samples for the
+        # joined pass, so each group's output gradients are scaled by sqrt(R_g / R).
+        G = [_pad_rows(g * math.sqrt(g.shape[0] / rows), rows) for g in g_parts]
+        return A, torch.stack(G)
+
+    def foreign_gradient(self, grad: Tensor, a_sum: Tensor) -> bool:
+        """Whether the weight's gradient ``grad`` provably has contributions from outside this
+        layer (its weight used elsewhere too), given the window's input statistics ``a_sum``.
+        False when that cannot be told (the default)."""
+        return False
+
+    def samples(self, x: Tensor) -> int:
+        """Number of loss samples one forward call on ``x`` represents (the N of G's scale,
+        ``docs/algorithms.md`` §1). Default: the leading dimension (1 for an unbatched input);
+        a Linear counts every row, a convolution every image."""
         return x.shape[0] if x.dim() > 1 else 1
 
     @abstractmethod
@@ -87,3 +180,8 @@ class KroneckerBlock(ABC):
             return [mat.reshape(self.weight.shape)]
         w, b = mat[..., :-1], mat[..., -1]
         return [w.reshape(self.weight.shape), b.reshape(self.bias.shape)]  # type: ignore[union-attr]
+
+
+def _pad_rows(rows: Tensor, n: int) -> Tensor:
+    """``rows`` ``(r, d)`` followed by ``n - r`` zero rows."""
+    return torch.nn.functional.pad(rows, (0, 0, 0, n - rows.shape[0]))

@@ -134,9 +134,17 @@ class CaptureGate:
 
 
 class FactorAccumulator:
-    """Sums ``ā āᵀ`` and ``δ δᵀ`` over the passes of one optimizer step."""
+    """Sums ``ā āᵀ`` and ``δ δᵀ`` over the passes of one optimizer step.
 
-    def __init__(self) -> None:
+    Args:
+        diagonal_in: for a block with a diagonal A (one-hot inputs), its ``n_in``: input rows
+            are then indices ``(groups, rows)`` (``-1``: a zero row, e.g. a padding token) and
+            ``a_sum`` holds their counts ``(groups, n_in)``, the diagonal of ``Σ ā āᵀ``;
+            no dense ``n_in × n_in`` matrix is formed.
+    """
+
+    def __init__(self, diagonal_in: int | None = None) -> None:
+        self.diagonal_in = diagonal_in
         self.reset()
 
     def reset(self) -> None:
@@ -156,15 +164,24 @@ class FactorAccumulator:
         rows = rows.to(working_dtype(rows.dtype))
         return rows.transpose(-1, -2) @ rows
 
-    def add_input(self, rows: Tensor, batch_size: int) -> None:
-        gram = self._gram(rows)
-        self.a_sum = gram if self.a_sum is None else self.a_sum + gram
-        self.a_rows += rows.shape[-2]
+    def _counts(self, ids: Tensor) -> Tensor:
+        n = self.diagonal_in
+        assert n is not None
+        # Counts are exact in float64 (a vector: the cost is nothing next to G).
+        return torch.stack([torch.bincount(g[g >= 0], minlength=n).double() for g in ids])
 
-    def add_output_grad(self, rows: Tensor, batch_size: int) -> None:
+    def add_input(self, rows: Tensor, samples: int) -> None:
+        if self.diagonal_in is None:
+            gram, n_rows = self._gram(rows), rows.shape[-2]
+        else:
+            gram, n_rows = self._counts(rows), rows.shape[-1]
+        self.a_sum = gram if self.a_sum is None else self.a_sum + gram
+        self.a_rows += n_rows
+
+    def add_output_grad(self, rows: Tensor, samples: int) -> None:
         gram = self._gram(rows)
         self.g_sum = gram if self.g_sum is None else self.g_sum + gram
-        self.g_samples += batch_size
+        self.g_samples += samples
 
     def scale_output_grads(self, factor: float) -> None:
         """Multiplies the ``δ δᵀ`` sum by ``factor`` (the output gradients by its root)."""
@@ -175,9 +192,10 @@ class FactorAccumulator:
         """Batch factors ``(A, G)``.
 
         ``A`` is the mean of ``ā āᵀ`` over all rows. The captured output gradients of a
-        mean-reduced loss carry a factor ``1/N`` (N samples, all micro-batches together), so
-        ``G = N · Σ δ δᵀ`` is the per-sample Fisher factor (positions of a conv or sequence
-        summed, as in KFC); for a sum-reduced loss ``G = Σ δ δᵀ`` is the Fisher of the sum.
+        mean-reduced loss carry a factor ``1/N`` (N samples, all micro-batches together: the
+        rows of a Linear, the images of a conv, :meth:`KroneckerBlock.samples`), so
+        ``G = N · Σ δ δᵀ`` is the per-sample Fisher factor (a conv's positions summed, as in
+        KFC); for a sum-reduced loss ``G = Σ δ δᵀ`` is the Fisher of the sum.
         """
         assert self.a_sum is not None and self.g_sum is not None
         A = self.a_sum / max(self.a_rows, 1)
@@ -211,14 +229,23 @@ class BoundHook:
 
 
 class _Pass:
-    """One forward call of one block, waiting for the backward that commits it."""
+    """One forward use of one block, waiting for the backward that commits it.
 
-    __slots__ = ("batch", "committed", "g", "g_designated", "g_task", "seq", "x")
+    ``part`` is the groups the use fed (None: all) and ``call`` the token its forward shares
+    with the other uses that fed the remaining groups (``MultiheadAttention``'s separate q, k
+    and v projections); a use that feeds all groups is its own call.
+    """
 
-    def __init__(self, x: Tensor, batch: int, seq: int) -> None:
-        self.x: Tensor | None = x
+    __slots__ = ("batch", "call", "committed", "g", "g_designated", "g_task", "part", "seq", "x")
+
+    def __init__(
+        self, x: Any, batch: int, seq: int, part: slice | None = None, call: Any = None
+    ) -> None:
+        self.x: Any = x
         self.batch = batch
         self.seq = seq
+        self.part = part
+        self.call = seq if call is None else call
         self.g: Tensor | None = None
         self.g_task = -1
         self.g_designated = False
@@ -274,10 +301,12 @@ class CurvatureCapture:
         if model is not None:
             self._handles.append(model.register_forward_pre_hook(BoundHook(None, self.owner)))
         for key, block in self.blocks.items():
-            forward = BoundHook(self._forward_hook(key), self.owner)
-            self._handles.append(block.module.register_forward_hook(forward, with_kwargs=True))
+            self._handles += block.register_capture(self._record(key), self._bind)
             commit = BoundHook(self._commit_hook(key), self.owner)
             self._handles.append(block.weight.register_post_accumulate_grad_hook(commit))
+
+    def _bind(self, fn: Callable[..., Any]) -> BoundHook:
+        return BoundHook(fn, self.owner)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -297,24 +326,32 @@ class CurvatureCapture:
         self.eval_forward.clear()
 
     # ------------------------------------------------------------------ forward: pending
-    def _forward_hook(self, key: str) -> Callable[..., None]:
-        block = self.blocks[key]
+    def _record(self, key: str) -> Callable[..., None]:
+        """What a block's forward capture calls for each use of its weight (a ForwardRecord)."""
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-            if module is not block.module or not self.gate.forward_open:
+        def record(
+            module: nn.Module,
+            x: Any,
+            output: Any,
+            batch: int,
+            part: slice | None = None,
+            call: Any = None,
+        ) -> None:
+            if not self.gate.forward_open:
                 return
             if not module.training:
                 self.eval_forward.add(key)
                 return
             if not (isinstance(output, Tensor) and output.requires_grad):
                 return
-            x = args[0] if args else kwargs["input"]
             # The input is saved by autograd for the weight gradient anyway: keeping it costs
             # no memory while the graph lives, and the rows are formed only if a backward comes.
-            pending = _Pass(x.detach(), block.batch_size(x), next(self._seq))
+            if isinstance(x, Tensor):
+                x = x.detach()
+            pending = _Pass(x, batch, next(self._seq), part, call)
             output.register_hook(self._output_hook(key, pending))
 
-        return hook
+        return record
 
     # ------------------------------------------------------------------ backward: staged
     def _output_hook(self, key: str, pending: _Pass) -> Callable[[Tensor], None]:
@@ -375,17 +412,43 @@ class CurvatureCapture:
             waiting.sort(key=lambda p: p.seq)
             # Inputs in forward order, output gradients in backward order: the order in which
             # the forward and backward produce them.
+            calls: dict[Any, list[_Pass]] = {}
             for pending in waiting:
-                acc.add_input(block.input_rows(pending.x), pending.batch)  # type: ignore[arg-type]
-            with_g = [p for p in reversed(waiting) if p.g is not None]
-            for pending in with_g:
-                acc.add_output_grad(pending.g, pending.batch)
+                calls.setdefault(pending.call, []).append(pending)
+            g_rows: list[tuple[Tensor, int]] = []
+            for uses in calls.values():
+                rows = self._rows(block, uses)
+                if rows is None:
+                    continue
+                a, g = rows
+                # Groups joined from separate calls are expressed over their common row count
+                # (KroneckerBlock.joined_rows), which is then also their sample count.
+                samples = uses[0].batch if len(uses) == 1 else a.shape[-2]
+                acc.add_input(a, samples)
+                if g is not None:
+                    g_rows.append((g, samples))
+            for g, batch in reversed(g_rows):
+                acc.add_output_grad(g, batch)
             for pending in waiting:
                 pending.committed = True
                 pending.x = pending.g = None
             self.fired_forward.add(key)
-            if with_g:
+            if g_rows:
                 self.fired_backward.add(key)
                 acc.passes += 1
 
         return hook
+
+    @staticmethod
+    def _rows(block: KroneckerBlock, uses: list[_Pass]) -> tuple[Tensor, Tensor | None] | None:
+        """Input rows and output-gradient rows (None without a backward) of one forward; None
+        when the backward reached the uses of only some of its groups (nothing to count)."""
+        if len(uses) == 1 and uses[0].part is None:
+            return block.input_rows(uses[0].x), uses[0].g
+        fed = sum(block.groups if u.part is None else u.part.stop - u.part.start for u in uses)
+        if fed != block.groups:
+            return None
+        if any(u.g is None for u in uses):
+            a, _ = block.joined_rows([(u.part, u.x, None) for u in uses])
+            return a, None
+        return block.joined_rows([(u.part, u.x, u.g) for u in uses])

@@ -269,15 +269,15 @@ class KalmanAccumulator:
         idx = torch.randperm(n_rows, generator=gen, device=rows.device)[:k]
         return rows[..., idx, :].transpose(-1, -2) * math.sqrt(n_rows / k)
 
-    def add_input(self, rows: Tensor, batch_size: int) -> None:
+    def add_input(self, rows: Tensor, samples: int) -> None:
         rows = rows.to(working_dtype(rows.dtype))
         trace = rows.pow(2).sum((-2, -1))
         self.a_trace = trace if self.a_trace is None else self.a_trace + trace
         self.a_rows += rows.shape[-2]
         self.a_parts.append(self._compress(rows))
 
-    def add_output_grad(self, rows: Tensor, batch_size: int) -> None:
-        self.g_samples += batch_size
+    def add_output_grad(self, rows: Tensor, samples: int) -> None:
+        self.g_samples += samples
         self.n_out = rows.shape[-1]
         if not self.need_g:
             return

@@ -34,8 +34,10 @@ class InverseMethod(str, Enum):
 
 
 def pi_split(A: Tensor, G: Tensor) -> Tensor:
-    """π per group: ``sqrt((tr A / dim A) / (tr G / dim G))`` (Martens & Grosse 2015, §6.3)."""
-    mean_a = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1)
+    """π per group: ``sqrt((tr A / dim A) / (tr G / dim G))`` (Martens & Grosse 2015, §6.3).
+
+    ``A`` may be stored as its diagonal ``(g, n)``."""
+    mean_a = (A if A.dim() == 2 else torch.diagonal(A, dim1=-2, dim2=-1)).mean(-1)
     mean_g = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)
     tiny = torch.finfo(mean_a.dtype).tiny
     return torch.sqrt(mean_a.clamp_min(tiny) / mean_g.clamp_min(tiny))
@@ -48,6 +50,10 @@ def _add_to_diagonal(M: Tensor, value: Tensor) -> Tensor:
 
 class KroneckerFactors:
     """EMA factors A ``(g, n_in, n_in)`` and G ``(g, n_out, n_out)`` of one block.
+
+    A diagonal A (an embedding's) is stored as ``(g, n_in)``: its eigenvalues are the diagonal
+    and its eigenvectors the identity (``evec_A`` stays None), and its Newton inverse is the
+    elementwise reciprocal of the damped diagonal.
 
     Args:
         dtype: storage dtype of the factors (statistics arrive in float32 or better and are cast).
@@ -77,7 +83,19 @@ class KroneckerFactors:
     @property
     def ready(self) -> bool:
         """Whether an inverse representation exists (a preconditioner can be applied)."""
-        return self.evec_A is not None or self.inv_A is not None
+        return self.eval_A is not None or self.inv_A is not None
+
+    @property
+    def a_is_diagonal(self) -> bool:
+        """A is stored as its diagonal ``(g, n_in)``."""
+        return self.A is not None and self.A.dim() == 2
+
+    def mean_eigenvalue(self) -> Tensor:
+        """Mean eigenvalue of ``A ⊗ G`` per group, ``(tr A / n_A)·(tr G / n_G)``, shape
+        ``(groups,)``: the unit of relative damping (``docs/algorithms.md`` §2)."""
+        assert self.A is not None and self.G is not None
+        diag_a = self.A if self.a_is_diagonal else torch.diagonal(self.A, dim1=-2, dim2=-1)
+        return diag_a.mean(-1) * torch.diagonal(self.G, dim1=-2, dim2=-1).mean(-1)
 
     @property
     def finite(self) -> bool:
@@ -122,7 +140,10 @@ class KroneckerFactors:
         of a corrupted state cannot raise; ``ok`` says whether they were the real factors."""
         assert self.A is not None and self.G is not None
         ok = self.finite_mask()
-        eye_A = torch.eye(self.A.shape[-1], dtype=self.A.dtype, device=self.A.device)
+        if self.a_is_diagonal:
+            eye_A = torch.ones(self.A.shape[-1], dtype=self.A.dtype, device=self.A.device)
+        else:
+            eye_A = torch.eye(self.A.shape[-1], dtype=self.A.dtype, device=self.A.device)
         eye_G = torch.eye(self.G.shape[-1], dtype=self.G.dtype, device=self.G.device)
         return torch.where(ok, self.A, eye_A), torch.where(ok, self.G, eye_G), ok
 
@@ -132,7 +153,7 @@ class KroneckerFactors:
 
     def install_eigh(
         self,
-        eig_A: tuple[Tensor, Tensor],
+        eig_A: tuple[Tensor, Tensor | None],
         eig_G: tuple[Tensor, Tensor],
         inputs_ok: Tensor,
         accept: Tensor | None = None,
@@ -141,10 +162,14 @@ class KroneckerFactors:
         otherwise. Returns the failure flag (0-dim bool): the factors held statistics but the
         factors or the decomposition were not finite (the caller raises the damping)."""
         parts = (*eig_A, *eig_G)
-        ok = inputs_ok & torch.stack([torch.isfinite(t).all() for t in parts]).all()
+        decomposed = [t for t in parts if t is not None]  # a diagonal A has no eigenvectors
+        ok = inputs_ok & torch.stack([torch.isfinite(t).all() for t in decomposed]).all()
         take = ok if accept is None else ok & accept
         old = (self.eval_A, self.evec_A, self.eval_G, self.evec_G)
-        kept = [_keep_last_good(new, prev, take) for new, prev in zip(parts, old, strict=True)]
+        kept = [
+            None if new is None else _keep_last_good(new, prev, take)
+            for new, prev in zip(parts, old, strict=True)
+        ]
         self.eval_A, self.evec_A, self.eval_G, self.evec_G = kept
         self.inv_A = self.inv_G = None
         return self._failed(ok)
@@ -173,18 +198,24 @@ class KroneckerFactors:
         if method is InverseMethod.EIGH:
             A, G, inputs_ok = self.eigh_inputs()
             try:
-                eig_A, eig_G = spd_eigh(A), spd_eigh(G)
+                eig_A = (A.clamp_min(0.0), None) if self.a_is_diagonal else spd_eigh(A)
+                eig_G = spd_eigh(G)
             except torch.linalg.LinAlgError:
                 return self._failed(torch.zeros_like(inputs_ok))
             return self.install_eigh(eig_A, eig_G, inputs_ok, accept)
         A, G, inputs_ok = self._safe_factors()
         pi = pi_split(A, G)
         root = torch.sqrt(damping) if isinstance(damping, Tensor) else math.sqrt(damping)
-        M_A = _add_to_diagonal(A, pi * root)
         M_G = _add_to_diagonal(G, root / pi)
         cold = self.cold_next or self.inv_A is None or self.inv_A.shape != A.shape
         new, usable = [], []
-        for M, previous in ((M_A, self.inv_A), (M_G, self.inv_G)):
+        pending = [(_add_to_diagonal(A, pi * root), self.inv_A), (M_G, self.inv_G)]
+        if self.a_is_diagonal:  # the damped diagonal's inverse is exact: no Newton step
+            inv = (A + (pi * root)[..., None]).reciprocal()
+            new.append(inv)
+            usable.append(torch.isfinite(inv).all(-1))
+            pending = pending[1:]
+        for M, previous in pending:
             X0 = newton_schulz_cold_start(M)
             if not cold and previous is not None:
                 eye = torch.eye(M.shape[-1], dtype=X0.dtype, device=M.device)
@@ -202,27 +233,37 @@ class KroneckerFactors:
         ok = inputs_ok & torch.stack([torch.isfinite(X).all() for X in new]).all()
         take = ok if accept is None else ok & accept
         self.unusable = ~(usable[0].all() & usable[1].all())
-        self.inv_A = _keep_last_good(new[0], self.inv_A, take & usable[0][..., None, None])
+        mask_A = usable[0][..., None] if self.a_is_diagonal else usable[0][..., None, None]
+        self.inv_A = _keep_last_good(new[0], self.inv_A, take & mask_A)
         self.inv_G = _keep_last_good(new[1], self.inv_G, take & usable[1][..., None, None])
         self.eval_A = self.evec_A = self.eval_G = self.evec_G = None
         return self._failed(ok)
 
-    def precondition(self, V: Tensor, damping: float) -> Tensor:
-        """``(A ⊗ G + γI)⁻¹ vec(V)`` for V of shape ``(g, n_out, n_in)``.
+    def precondition(self, V: Tensor, damping: float | Tensor) -> Tensor:
+        """``(A ⊗ G + γI)⁻¹ vec(V)`` for V of shape ``(g, n_out, n_in)``; γ a float or a
+        per-group tensor ``(g,)``.
 
         Exact damping γ on the eigh route; on the Newton route the factored damping chosen at
         the last refresh is used and ``damping`` is ignored.
         """
         dtype = V.dtype
-        if self.evec_A is not None:
+        if self.eval_A is not None:
             QA, QG = self.evec_A, self.evec_G
-            assert QG is not None and self.eval_G is not None and self.eval_A is not None
-            Vw = V.to(QA.dtype)
-            rotated = QG.transpose(-1, -2) @ Vw @ QA
-            rotated = rotated / (self.eval_G[..., :, None] * self.eval_A[..., None, :] + damping)
-            return (QG @ rotated @ QA.transpose(-1, -2)).to(dtype)
+            assert QG is not None and self.eval_G is not None
+            rotated = QG.transpose(-1, -2) @ V.to(QG.dtype)
+            if QA is not None:  # a diagonal A is its own eigenbasis
+                rotated = rotated @ QA
+            gamma = torch.as_tensor(damping, dtype=rotated.dtype, device=rotated.device)
+            if gamma.dim() == 1:
+                gamma = gamma[:, None, None]
+            rotated = rotated / (self.eval_G[..., :, None] * self.eval_A[..., None, :] + gamma)
+            out = QG @ rotated
+            return (out if QA is None else out @ QA.transpose(-1, -2)).to(dtype)
         assert self.inv_A is not None and self.inv_G is not None
-        return (self.inv_G @ V.to(self.inv_G.dtype) @ self.inv_A).to(dtype)
+        Vw = V.to(self.inv_G.dtype)
+        if self.inv_A.dim() == 2:  # diagonal A: its inverse is a vector
+            return (self.inv_G @ Vw * self.inv_A[..., None, :]).to(dtype)
+        return (self.inv_G @ Vw @ self.inv_A).to(dtype)
 
     def state_dict(self) -> dict[str, object]:
         state: dict[str, object] = {"updates": self.updates}

@@ -1,8 +1,9 @@
 """Kronecker block for ``nn.Linear``.
 
-Inputs of shape ``(B, d)`` give one row per sample; inputs of shape ``(B, T, ..., d)`` give one row
-per position (the "expand" convention for weight sharing: every position is treated as a sample
-of the same layer).
+**Rows are samples.** Every row of the input is one sample: ``(B, d)`` gives B rows, ``(B, T, d)``
+gives B·T (a token, or one time step of a recurrent use). So a layer called once on ``(B, T, d)``
+and the same layer called T times on ``(B, d)`` get identical factors, and for a per-token loss
+(a language model) G is the per-token Fisher factor (``docs/algorithms.md`` §1).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ class LinearBlock(KroneckerBlock):
             n_out=module.out_features,
             with_bias=with_bias,
         )
+
+    def samples(self, x: Tensor) -> int:
+        return x.numel() // max(x.shape[-1], 1) if x.dim() > 1 else 1
 
     def input_rows(self, x: Tensor) -> Tensor:
         return self._append_ones(x.reshape(1, -1, x.shape[-1]))

@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def block_cost(groups: int, n_in: int, n_out: int) -> float:
-    """Modelled cost of one block: the factor sizes cubed (inversion / filter update)."""
-    return float(groups) * (float(n_in) ** 3 + float(n_out) ** 3)
+def block_cost(groups: int, n_in: int, n_out: int, diagonal_in: bool = False) -> float:
+    """Modelled cost of one block: the factor sizes cubed (inversion / filter update); a
+    diagonal input factor (an embedding's) costs its size, not its cube."""
+    a_cost = float(n_in) if diagonal_in else float(n_in) ** 3
+    return float(groups) * (a_cost + float(n_out) ** 3)
 
 
 def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:

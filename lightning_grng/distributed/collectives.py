@@ -8,6 +8,7 @@ rank never leaves another rank waiting in a collective. ``docs/distributed.md`` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,7 @@ class Sharding:
         if set(self.owners) == set(blocks):
             return
         keys = list(blocks)
-        costs = [block_cost(b.groups, b.n_in, b.n_out) for b in blocks.values()]
+        costs = [block_cost(b.groups, b.n_in, b.n_out, b.diagonal_input) for b in blocks.values()]
         self.owners = dict(zip(keys, assign_owners(costs, self.world_size), strict=True))
 
     def owns(self, key: str) -> bool:
@@ -82,9 +83,13 @@ class Sharding:
             counts: list[float] = []
             for key in keys:
                 b, acc = blocks[key], accumulators[key]
-                for value, n in ((acc.a_sum, b.n_in), (acc.g_sum, b.n_out)):
+                a_shape = (b.groups, b.n_in) if b.diagonal_input else (b.groups, b.n_in, b.n_in)
+                for value, shape in (
+                    (acc.a_sum, a_shape),
+                    (acc.g_sum, (b.groups, b.n_out, b.n_out)),
+                ):
                     if value is None:
-                        value = torch.zeros(b.groups, n, n, dtype=dtype, device=device)
+                        value = torch.zeros(shape, dtype=dtype, device=device)
                     parts.append(value.to(dtype).reshape(-1))
                 counts += [float(acc.a_rows if acc.a_sum is not None else 0), float(acc.g_samples)]
                 counts.append(1.0 if acc.g_sum is not None else 0.0)
@@ -95,8 +100,9 @@ class Sharding:
             tail = buf[-len(counts) :].double().tolist()
             for i, key in enumerate(keys):
                 b, acc = blocks[key], accumulators[key]
-                sizes = (b.groups * b.n_in * b.n_in, b.groups * b.n_out * b.n_out)
-                a = buf[offset : offset + sizes[0]].view(b.groups, b.n_in, b.n_in)
+                a_shape = (b.groups, b.n_in) if b.diagonal_input else (b.groups, b.n_in, b.n_in)
+                sizes = (math.prod(a_shape), b.groups * b.n_out * b.n_out)
+                a = buf[offset : offset + sizes[0]].view(a_shape)
                 g = buf[offset + sizes[0] : offset + sum(sizes)].view(b.groups, b.n_out, b.n_out)
                 offset += sum(sizes)
                 acc.reset()

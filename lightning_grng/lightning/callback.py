@@ -102,7 +102,8 @@ class GRNGCallback(Callback):
             optimizer._gate.micro_batches = micro_batches
             if any(h.optimizer is optimizer for h in self._handles):
                 continue
-            self._handles.append(attach(pl_module, optimizer, grad_scaler=scaler))
+            handle = attach(pl_module, optimizer, grad_scaler=scaler, report=trainer.is_global_zero)
+            self._handles.append(handle)
 
     def _check_tuners_can_regularize(self, trainer: pl.Trainer) -> None:
         """A tuner's steps run without callbacks, so this callback cannot add RENG's

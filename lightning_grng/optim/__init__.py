@@ -1,13 +1,12 @@
 """The GRNG optimizers."""
 
-from lightning_grng.optim.base import FALLBACK_UPDATE, GRNGOptimizer
+from lightning_grng.optim.base import GRNGOptimizer
 from lightning_grng.optim.kfac import KFAC
 from lightning_grng.optim.reng import RENG, gradient_penalty, regularized_backward
 from lightning_grng.optim.ring import RING
 from lightning_grng.optim.rkalman import RKalman
 
 __all__ = [
-    "FALLBACK_UPDATE",
     "KFAC",
     "RENG",
     "RING",

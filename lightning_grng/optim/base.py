@@ -28,13 +28,13 @@ from lightning_grng.curvature.capture import (
     FisherType,
     LossReduction,
 )
+from lightning_grng.optim.fallback import ADAM_STATE, FallbackMode, adam_direction, describe
 from lightning_grng.optim.validation import check_choice, check_int, check_range
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
-#: Parameters without a Kronecker block are updated with their raw gradient (identity
-#: preconditioner), sharing the optimizer's momentum, weight decay, KL-clip and learning rate.
-FALLBACK_UPDATE = "momentum SGD on the raw gradient (identity preconditioner)"
+#: How parameters without a Kronecker block are updated by default (``optim/fallback.py``).
+FALLBACK_UPDATE = describe(FallbackMode.ADAM)
 
 _MAX_DAMPING_BOOST = 2.0**20
 
@@ -94,6 +94,8 @@ class GRNGOptimizer(Optimizer):
         kl_clip: float | None,
         fisher: str | FisherType,
         loss_reduction: str | LossReduction,
+        fallback: str | FallbackMode = FallbackMode.ADAM,
+        fallback_lr: float = 0.1,
     ) -> None:
         name = type(self).__name__
         given = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
@@ -104,6 +106,8 @@ class GRNGOptimizer(Optimizer):
         self.kl_clip = kl_clip
         self.fisher = check_choice(name, "fisher", fisher, FisherType)
         self.loss_reduction = check_choice(name, "loss_reduction", loss_reduction, LossReduction)
+        self.fallback = check_choice(name, "fallback", fallback, FallbackMode)
+        self.fallback_lr = check_range(name, "fallback_lr", fallback_lr, 0.0, low_open=True)
         super().__init__(params, defaults)
 
         self._gate = CaptureGate(self.fisher)
@@ -138,6 +142,11 @@ class GRNGOptimizer(Optimizer):
         #: (:class:`~lightning_grng.distributed.Sharding`); None in a single process.
         self._shard: Any = None
         self._consolidated: dict[str, Any] | None = None
+        #: This step's gradients and their squared norm (for per-block damping rules).
+        self._step_grads: dict[Tensor, Tensor] = {}
+        self._step_grad_sq = 0.0
+        #: Module name -> damping-to-curvature ratio γ / (mean eigenvalue of A ⊗ G), this step.
+        self._damping_ratios: dict[str, Tensor] = {}
         # Failures within the current step, so DDP ranks can agree on the damping boost.
         self._doublings = 0
         self._boost_at_start = 1.0
@@ -212,6 +221,11 @@ class GRNGOptimizer(Optimizer):
 
     def _new_accumulator(self, block: KroneckerBlock) -> Any:
         raise NotImplementedError
+
+    def _refuses_block(self, block: KroneckerBlock) -> str | None:
+        """Why this optimizer cannot use ``block`` (its parameters then get the fallback), or
+        None. Every block is usable by default."""
+        return None
 
     # ------------------------------------------------------------------ sharding (DDP)
     @property
@@ -327,6 +341,15 @@ class GRNGOptimizer(Optimizer):
         """Damping applied this step (KFAC: λ; RING: λ + ρ‖g‖²), times the failure boost."""
         return group["damping"] * self.damping_boost
 
+    def _block_grad_sq(self, block: KroneckerBlock) -> Tensor:
+        """``‖g_b‖²`` of one block's parameters this step (a 0-dim tensor, no host sync)."""
+        grads = [self._step_grads[p] for p in block.params() if p in self._step_grads]
+        return torch.stack([g.double().pow(2).sum() for g in grads]).sum()
+
+    @property
+    def _fallback_text(self) -> str:
+        return describe(self.fallback)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Performs one optimization step.
@@ -349,6 +372,8 @@ class GRNGOptimizer(Optimizer):
         # back once, with every other flag of the step, in _settle().
         grad_sq = _device_total(g.double().pow(2).sum() for g in grads)
         self._begin_step(grad_sq)
+        self._step_grads, self._step_grad_sq = grad_of, grad_sq
+        self._damping_ratios = {}
         if self._curvature_due():
             self._absorb_statistics(capture, grad_of)
         self._refresh(grad_sq)
@@ -376,11 +401,15 @@ class GRNGOptimizer(Optimizer):
         for key, U in preconditioned.items():
             block = self._blocks[key]
             directions.update(zip(block.params(), block.from_matrix(U), strict=True))
-        for p, g in grad_of.items():
-            directions.setdefault(p, g)
+        fallback = [p for p in grad_of if p not in directions]
+        if self.fallback is FallbackMode.SGD:
+            directions.update((p, grad_of[p]) for p in fallback)
+            fallback = []
 
-        scale = self._kl_scale(directions, grad_of, group_of)
+        scale = self._kl_scale(directions, {p: grad_of[p] for p in directions}, group_of)
         self._apply(directions, scale)
+        self._apply_fallback(fallback, grad_of, group_of)
+        self._step_grads = {}
 
         self.grng_step += 1
         self._gate.wanted = self._curvature_due()
@@ -391,6 +420,7 @@ class GRNGOptimizer(Optimizer):
             "kl_scale": scale,
             "skipped_steps": float(self.skipped_steps),
             "rejected_statistics": float(self.rejected_statistics),
+            **{f"damping_ratio/{name}": r for name, r in self._damping_ratios.items()},
         }
         return loss
 
@@ -464,6 +494,21 @@ class GRNGOptimizer(Optimizer):
             for (_, on_host), value in zip(entries, self._read_back(entries), strict=True):
                 on_host(value)
 
+    def _apply_fallback(
+        self,
+        params: list[Tensor],
+        grad_of: dict[Tensor, Tensor],
+        group_of: dict[Tensor, dict[str, Any]],
+    ) -> None:
+        """The Adam fallback (``optim/fallback.py``) for parameters without a direction."""
+        for p in params:
+            group = group_of[p]
+            lr = group["lr"] * self.fallback_lr
+            direction = adam_direction(self.state[p], grad_of[p].to(p.dtype))
+            if group["weight_decay"] > 0.0:
+                p.mul_(1.0 - lr * group["weight_decay"])
+            p.add_(direction, alpha=-lr)
+
     def _warn_unfrozen(self) -> None:
         """Names a layer that was frozen at attach and trains now (it has no block)."""
         for p, name in self._frozen_at_attach.items():
@@ -473,7 +518,7 @@ class GRNGOptimizer(Optimizer):
             warnings.warn(
                 f"{type(self).__name__}: module '{name}' was frozen when the curvature hooks "
                 f"were attached and now has gradients, so it gets the fallback update "
-                f"({FALLBACK_UPDATE}); re-attach after unfreezing (handle.remove(), then "
+                f"({self._fallback_text}); re-attach after unfreezing (handle.remove(), then "
                 "attach(model, optimizer)) to give it a Kronecker block.",
                 RuntimeWarning,
                 stacklevel=3,
@@ -584,7 +629,7 @@ class GRNGOptimizer(Optimizer):
             warnings.warn(
                 f"{type(self).__name__}: module '{block.name}' ran in eval mode during the "
                 "training step (model.eval()?), and curvature statistics are taken in training "
-                f"mode only; it gets the fallback update ({FALLBACK_UPDATE}) until then. Call "
+                f"mode only; it gets the fallback update ({self._fallback_text}) until then. Call "
                 "model.train() before the training forward.",
                 RuntimeWarning,
                 stacklevel=4,
@@ -594,8 +639,8 @@ class GRNGOptimizer(Optimizer):
             f"{type(self).__name__}: the curvature hooks of module '{block.name}' "
             f"({type(block.module).__name__}) never fired although its parameters have "
             "gradients; it is probably called through a functional path (e.g. "
-            "MultiheadAttention.out_proj). It gets the fallback update "
-            f"({FALLBACK_UPDATE}) until statistics arrive; exclude it with "
+            "F.linear(x, layer.weight) instead of layer(x)). It gets the fallback update "
+            f"({self._fallback_text}) until statistics arrive; exclude it with "
             f"attach(..., skip_modules=['{block.name}']) to silence this.",
             RuntimeWarning,
             stacklevel=4,
@@ -679,15 +724,21 @@ class GRNGOptimizer(Optimizer):
         raise NotImplementedError
 
     def _check_factor_shapes(
-        self, block: KroneckerBlock, factors: dict[str, Any], label: str = "factor"
+        self,
+        block: KroneckerBlock,
+        factors: dict[str, Any],
+        label: str = "factor",
+        diagonal: tuple[str, ...] = (),
     ) -> None:
-        """Refuses a checkpoint whose factor ``name -> (tensor, n)`` is not ``(groups, n, n)``."""
+        """Refuses a checkpoint whose factor ``name -> (tensor, n)`` is not ``(groups, n, n)``
+        (``(groups, n)`` for the names in ``diagonal``: factors stored as their diagonal)."""
         for name, (value, n) in factors.items():
-            if value is not None and tuple(value.shape) != (block.groups, n, n):
+            expected = (block.groups, n) if name in diagonal else (block.groups, n, n)
+            if value is not None and tuple(value.shape) != expected:
                 raise ValueError(
                     f"{type(self).__name__}.load_state_dict: {label} {name} of module "
                     f"'{block.name}' has shape {tuple(value.shape)}, expected "
-                    f"{(block.groups, n, n)}; the checkpoint belongs to another model."
+                    f"{expected}; the checkpoint belongs to another model."
                 )
 
     def _drop_block_state(self, key: str) -> None:
@@ -790,13 +841,14 @@ class GRNGOptimizer(Optimizer):
 
     def _check_momentum_shapes(self) -> None:
         for i, p in enumerate(self.flat_params()):
-            buf = self.state.get(p, {}).get("momentum_buffer")
-            if buf is not None and buf.shape != p.shape:
-                raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: the momentum buffer of parameter "
-                    f"{i} has shape {tuple(buf.shape)}, expected {tuple(p.shape)}; the "
-                    "checkpoint belongs to another model."
-                )
+            for key in ("momentum_buffer", *ADAM_STATE):
+                buf = self.state.get(p, {}).get(key)
+                if buf is not None and buf.shape != p.shape:
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: the {key} of parameter {i} "
+                        f"has shape {tuple(buf.shape)}, expected {tuple(p.shape)}; the "
+                        "checkpoint belongs to another model."
+                    )
 
     def _load_grng_state(self, grng: dict[str, Any]) -> None:
         name = type(self).__name__

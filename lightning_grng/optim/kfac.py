@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from enum import Enum
 from typing import Any
 
 import torch
@@ -15,11 +17,22 @@ from lightning_grng.optim.base import GRNGOptimizer, ParamsT
 from lightning_grng.optim.validation import check_choice, check_int, check_range
 
 
+class DampingMode(str, Enum):
+    """Units of ``damping`` (``docs/algorithms.md`` §2)."""
+
+    #: γ = λ · (mean eigenvalue of the block's A ⊗ G): scale-free, the same default means the
+    #: same thing on any model.
+    RELATIVE = "relative"
+    #: γ = λ in the units of the Fisher (the loss's units squared over the parameters').
+    ABSOLUTE = "absolute"
+
+
 class KFAC(GRNGOptimizer):
     """Kronecker-factored natural gradient: ``U = (A ⊗ G + λI)⁻¹ g`` per layer.
 
-    ``nn.Linear`` and ``nn.Conv2d`` layers get a Kronecker block; every other trainable parameter
-    gets the fallback update (momentum SGD on its gradient). Hooks are attached with
+    ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding`` and ``nn.MultiheadAttention``
+    layers (and registered types, :func:`lightning_grng.register_block`) get a Kronecker block;
+    every other trainable parameter gets the fallback update. Hooks are attached with
     :func:`lightning_grng.attach` (plain PyTorch) or by :class:`lightning_grng.GRNGCallback`.
 
     Args:
@@ -27,7 +40,10 @@ class KFAC(GRNGOptimizer):
         lr: learning rate.
         momentum: heavy-ball momentum on the preconditioned update, in [0, 1).
         weight_decay: decoupled weight decay (``θ ← θ·(1 − lr·wd)``), >= 0.
-        damping: Tikhonov damping λ > 0 added to the Kronecker-factored Fisher.
+        damping: Tikhonov damping λ > 0 added to the Kronecker-factored Fisher, in the units of
+            ``damping_mode``.
+        damping_mode: ``"relative"`` (default: γ = λ times the mean eigenvalue of each block's
+            A ⊗ G, so λ is scale-free) or ``"absolute"`` (γ = λ).
         ema_decay: decay of the factor moving averages, in [0, 1).
         curvature_every: refresh the factor statistics every this many steps.
         inverse_every: refresh the inverse representation every this many steps.
@@ -39,6 +55,10 @@ class KFAC(GRNGOptimizer):
             from the model; needs :meth:`mc_fisher_backward`).
         loss_reduction: how the training loss reduces over samples, ``"mean"`` or ``"sum"``;
             sets the scale of G (see ``docs/algorithms.md``).
+        fallback: update of parameters without a Kronecker block: ``"adam"`` (default) or
+            ``"sgd"`` (the raw gradient through momentum and the KL-clip).
+        fallback_lr: the Adam fallback's learning rate as a multiple of the group's ``lr``
+            (so it follows the same schedule).
     """
 
     def __init__(
@@ -47,7 +67,8 @@ class KFAC(GRNGOptimizer):
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        damping: float = 0.1,
+        damping: float = 100.0,
+        damping_mode: str = "relative",
         ema_decay: float = 0.95,
         curvature_every: int = 5,
         inverse_every: int = 20,
@@ -56,8 +77,11 @@ class KFAC(GRNGOptimizer):
         kl_clip: float | None = 1e-2,
         fisher: str = "empirical",
         loss_reduction: str = "mean",
+        fallback: str = "adam",
+        fallback_lr: float = 0.1,
     ) -> None:
         name = type(self).__name__
+        self.damping_mode = check_choice(name, "damping_mode", damping_mode, DampingMode)
         self.ema_decay = check_range(name, "ema_decay", ema_decay, 0.0, 1.0, high_open=True)
         self.inverse_every = check_int(name, "inverse_every", inverse_every)
         self.inverse = check_choice(name, "inverse", inverse, InverseMethod)
@@ -72,6 +96,8 @@ class KFAC(GRNGOptimizer):
             kl_clip=kl_clip,
             fisher=fisher,
             loss_reduction=loss_reduction,
+            fallback=fallback,
+            fallback_lr=fallback_lr,
         )
         self._factors: dict[str, KroneckerFactors] = {}
         self.inverse_failures = 0
@@ -83,9 +109,11 @@ class KFAC(GRNGOptimizer):
         #: 785-wide input factor of an MNIST MLP, dominates the amortized step cost on a CPU;
         #: ``docs/algorithms.md``). None (default): every block every ``inverse_every`` steps.
         self.wide_refresh: tuple[int, int] | None = None
+        #: Blocks whose weight gets gradient from another use too (fallback update).
+        self._foreign: set[str] = set()
 
     def _new_accumulator(self, block: KroneckerBlock) -> FactorAccumulator:
-        return FactorAccumulator()
+        return FactorAccumulator(block.n_in if block.diagonal_input else None)
 
     def factors(self, key: str) -> KroneckerFactors:
         """The factor state of block ``key`` (created on first use)."""
@@ -93,7 +121,34 @@ class KFAC(GRNGOptimizer):
             self._factors[key] = KroneckerFactors(working_dtype(self._blocks[key].weight.dtype))
         return self._factors[key]
 
+    def _used_elsewhere(self, key: str, block: KroneckerBlock, accumulator: Any) -> bool:
+        """A block whose weight provably gets gradient from another use as well (an embedding
+        whose weight an output layer uses through ``F.linear``) keeps no factors: its
+        parameters get the fallback update, said once."""
+        if key in self._foreign:
+            return True
+        grad = block.weight.grad
+        if grad is None or accumulator.a_sum is None:
+            return False
+        if not block.foreign_gradient(grad, accumulator.a_sum):
+            return False
+        self._foreign.add(key)
+        self._factors.pop(key, None)
+        warnings.warn(
+            f"{type(self).__name__}: the weight of module '{block.name}' "
+            f"({type(block.module).__name__}) gets gradient from outside the module (tied to "
+            "an output layer through F.linear or a matmul?); one Kronecker block cannot "
+            f"precondition a gradient summed over two uses, so it gets the fallback update "
+            f"({self._fallback_text}). Tie modules instead (head.weight = embedding.weight), which "
+            "attach() recognizes.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return True
+
     def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> Tensor:
+        if self._used_elsewhere(key, block, accumulator):
+            return torch.ones((), dtype=torch.bool, device=block.weight.device)
         A, G = accumulator.averaged(LossReduction(self.loss_reduction))
         # Non-finite statistics (and a step that turns out skipped) leave the factors as they
         # were; decided on the device, counted at the step's read-back.
@@ -127,7 +182,7 @@ class KFAC(GRNGOptimizer):
         else:
             failed = []
             for _, block, factors in due:
-                damping = self._effective_damping(group_of[block.weight], grad_sq_norm)
+                damping = self._block_damping(key, block, factors, group_of[block.weight])
                 failed.append(
                     factors.refresh(self.inverse, damping, self.newton_iters, self._step_ok)
                 )
@@ -139,14 +194,22 @@ class KFAC(GRNGOptimizer):
     def _refresh_eigh(self, due: list[KroneckerFactors]) -> list[Tensor]:
         """Eigendecompositions of all due factors, batched by size (one call per size)."""
         inputs = [f.eigh_inputs() for f in due]
+        # A diagonal A (an embedding's) is its own eigendecomposition: only G is decomposed.
+        matrices = [
+            m
+            for (A, G, _), f in zip(inputs, due, strict=True)
+            for m in (A, G)
+            if not (m is A and f.a_is_diagonal)
+        ]
         try:
-            eigs = batched_spd_eigh([m for A, G, _ in inputs for m in (A, G)])
+            eigs = iter(batched_spd_eigh(matrices))
         except torch.linalg.LinAlgError:  # even the float64 retry: one block at a time
             return [f.refresh(InverseMethod.EIGH, 0.0, 0, self._step_ok) for f in due]
-        return [
-            f.install_eigh(eigs[2 * i], eigs[2 * i + 1], ok, self._step_ok)
-            for i, (f, (_, _, ok)) in enumerate(zip(due, inputs, strict=True))
-        ]
+        failed = []
+        for f, (A, _, ok) in zip(due, inputs, strict=True):
+            eig_A = (A.clamp_min(0.0), None) if f.a_is_diagonal else next(eigs)
+            failed.append(f.install_eigh(eig_A, next(eigs), ok, self._step_ok))
+        return failed
 
     def _count_inverse_failure(self, failed: float) -> None:
         if failed:
@@ -167,7 +230,28 @@ class KFAC(GRNGOptimizer):
         factors = self._factors.get(key)
         if factors is None or not factors.ready:
             return None
-        return factors.precondition(V, self._effective_damping(group, grad_sq))
+        return factors.precondition(V, self._block_damping(key, block, factors, group))
+
+    def _block_damping(
+        self, key: str, block: KroneckerBlock, factors: KroneckerFactors, group: dict[str, Any]
+    ) -> float | Tensor:
+        """γ of one block in the units of its A ⊗ G (per group in relative mode), boost
+        included; records the damping-to-curvature ratio γ / mean eigenvalue for diagnostics."""
+        scale = factors.mean_eigenvalue()
+        if self.damping_mode is DampingMode.ABSOLUTE:
+            gamma: float | Tensor = self._effective_damping(group, self._step_grad_sq)
+            ratio = gamma / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+        else:
+            ratio = self._relative_damping(block, group, scale) * self.damping_boost
+            gamma = ratio * scale
+        self._damping_ratios[block.name] = ratio.mean()
+        return gamma
+
+    def _relative_damping(
+        self, block: KroneckerBlock, group: dict[str, Any], scale: Tensor
+    ) -> Tensor:
+        """γ / (mean eigenvalue of A ⊗ G) before the failure boost; KFAC: λ."""
+        return torch.full_like(scale, group["damping"])
 
     def _block_state(self, key: str) -> dict[str, Any]:
         factors = self._factors.get(key)
@@ -178,7 +262,9 @@ class KFAC(GRNGOptimizer):
         factors = KroneckerFactors(working_dtype(block.weight.dtype))
         factors.load_state_dict(state, block.weight.device)
         self._check_factor_shapes(
-            block, {"A": (factors.A, block.n_in), "G": (factors.G, block.n_out)}
+            block,
+            {"A": (factors.A, block.n_in), "G": (factors.G, block.n_out)},
+            diagonal=("A",) if block.diagonal_input else (),
         )
         self._factors[key] = factors
 

@@ -39,7 +39,8 @@ class RENG(KFAC):
         lr: learning rate.
         momentum: heavy-ball momentum on the preconditioned update, in [0, 1).
         weight_decay: decoupled weight decay, >= 0.
-        damping: Tikhonov damping λ > 0.
+        damping: Tikhonov damping λ > 0, in the units of ``damping_mode``.
+        damping_mode: ``"relative"`` (default) or ``"absolute"``; see :class:`~lightning_grng.KFAC`.
         rho: gradient-regularization strength ρ >= 0.
         ema_decay: decay of the factor moving averages, in [0, 1).
         curvature_every: refresh the factor statistics every this many steps.
@@ -49,6 +50,8 @@ class RENG(KFAC):
         kl_clip: bound on the step's predicted KL change; None disables it.
         fisher: ``"empirical"`` or ``"mc"``.
         loss_reduction: ``"mean"`` or ``"sum"``.
+        fallback: ``"adam"`` (default) or ``"sgd"``: the update of parameters without a block.
+        fallback_lr: the Adam fallback's lr as a multiple of the group's ``lr``.
         gr_mode: ``"double_backprop"`` or ``"finite_difference"``.
         fd_eps: finite-difference step length ``ε‖g‖`` (> 0).
     """
@@ -64,7 +67,8 @@ class RENG(KFAC):
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        damping: float = 0.1,
+        damping: float = 100.0,
+        damping_mode: str = "relative",
         rho: float = 0.1,
         ema_decay: float = 0.95,
         curvature_every: int = 5,
@@ -74,6 +78,8 @@ class RENG(KFAC):
         kl_clip: float | None = 1e-2,
         fisher: str = "empirical",
         loss_reduction: str = "mean",
+        fallback: str = "adam",
+        fallback_lr: float = 0.1,
         gr_mode: str = "double_backprop",
         fd_eps: float = 1e-3,
     ) -> None:
@@ -86,6 +92,7 @@ class RENG(KFAC):
             momentum=momentum,
             weight_decay=weight_decay,
             damping=damping,
+            damping_mode=damping_mode,
             ema_decay=ema_decay,
             curvature_every=curvature_every,
             inverse_every=inverse_every,
@@ -94,6 +101,8 @@ class RENG(KFAC):
             kl_clip=kl_clip,
             fisher=fisher,
             loss_reduction=loss_reduction,
+            fallback=fallback,
+            fallback_lr=fallback_lr,
         )
         self._add_group_default("rho", self._check_group_value("rho", rho))
         self._grads_regularized = False

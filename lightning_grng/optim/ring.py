@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
+from lightning_grng.curvature.block import KroneckerBlock
 from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, ParamsT
 from lightning_grng.optim.kfac import KFAC
 
@@ -25,7 +27,9 @@ class RING(KFAC):
         lr: learning rate.
         momentum: heavy-ball momentum on the preconditioned update, in [0, 1).
         weight_decay: decoupled weight decay, >= 0.
-        damping: base Tikhonov damping λ > 0.
+        damping: base Tikhonov damping λ > 0, in the units of ``damping_mode``.
+        damping_mode: ``"relative"`` (default, γ in units of each block's mean eigenvalue of
+            A ⊗ G) or ``"absolute"``; see :class:`~lightning_grng.KFAC`.
         rho: gradient-regularization strength ρ >= 0.
         ema_decay: decay of the factor moving averages, in [0, 1).
         curvature_every: refresh the factor statistics every this many steps.
@@ -38,6 +42,8 @@ class RING(KFAC):
         kl_clip: bound on the step's predicted KL change; None disables it.
         fisher: ``"empirical"`` or ``"mc"``.
         loss_reduction: ``"mean"`` or ``"sum"``.
+        fallback: ``"adam"`` (default) or ``"sgd"``: the update of parameters without a block.
+        fallback_lr: the Adam fallback's lr as a multiple of the group's ``lr``.
     """
 
     group_ranges: ClassVar[dict[str, tuple[float, float | None, bool, bool]]] = {
@@ -51,8 +57,9 @@ class RING(KFAC):
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        damping: float = 0.1,
-        rho: float = 0.1,
+        damping: float = 100.0,
+        damping_mode: str = "relative",
+        rho: float = 10.0,
         ema_decay: float = 0.95,
         curvature_every: int = 5,
         inverse_every: int = 20,
@@ -61,6 +68,8 @@ class RING(KFAC):
         kl_clip: float | None = 1e-2,
         fisher: str = "empirical",
         loss_reduction: str = "mean",
+        fallback: str = "adam",
+        fallback_lr: float = 0.1,
     ) -> None:
         super().__init__(
             params,
@@ -68,6 +77,7 @@ class RING(KFAC):
             momentum=momentum,
             weight_decay=weight_decay,
             damping=damping,
+            damping_mode=damping_mode,
             ema_decay=ema_decay,
             curvature_every=curvature_every,
             inverse_every=inverse_every,
@@ -76,8 +86,20 @@ class RING(KFAC):
             kl_clip=kl_clip,
             fisher=fisher,
             loss_reduction=loss_reduction,
+            fallback=fallback,
+            fallback_lr=fallback_lr,
         )
         self._add_group_default("rho", self._check_group_value("rho", rho))
 
     def _effective_damping(self, group: dict[str, Any], grad_sq_norm: float | Tensor) -> Any:
         return (group["damping"] + group["rho"] * grad_sq_norm) * self.damping_boost
+
+    def _relative_damping(
+        self, block: KroneckerBlock, group: dict[str, Any], scale: Tensor
+    ) -> Tensor:
+        """``λ + ρ‖g_b‖² / tr(A ⊗ G)``: the trace-matched share ``ρ‖g_b‖²/n_b`` of the GR
+        curvature ``ρ g gᵀ`` on this block, in units of its mean eigenvalue (§3)."""
+        grad_sq = self._block_grad_sq(block).to(scale.dtype)
+        trace = scale.sum() * (block.n_in * block.n_out)  # tr(A⊗G) over the block's groups
+        gr = group["rho"] * grad_sq / trace.clamp_min(torch.finfo(scale.dtype).tiny)
+        return group["damping"] + gr.expand_as(scale)

@@ -88,6 +88,8 @@ class RKalman(GRNGOptimizer):
         loss_reduction: how the training loss reduces over samples, ``"mean"`` or ``"sum"``;
             sets the unit of information (one update, or one sample).
         seed: seed of the measurement draws (sketches, row samples), >= 0.
+        fallback: ``"adam"`` (default) or ``"sgd"``: the update of parameters without a block.
+        fallback_lr: the Adam fallback's lr as a multiple of the group's ``lr``.
     """
 
     group_ranges: ClassVar[dict[str, tuple[float, float | None, bool, bool]]] = {
@@ -115,6 +117,8 @@ class RKalman(GRNGOptimizer):
         fisher: str = "empirical",
         loss_reduction: str = "mean",
         seed: int = 0,
+        fallback: str = "adam",
+        fallback_lr: float = 0.1,
     ) -> None:
         name = type(self).__name__
         self.forgetting = check_range(name, "forgetting", forgetting, 0.0, 1.0, low_open=True)
@@ -149,6 +153,8 @@ class RKalman(GRNGOptimizer):
             kl_clip=kl_clip,
             fisher=fisher,
             loss_reduction=loss_reduction,
+            fallback=fallback,
+            fallback_lr=fallback_lr,
         )
         self._add_group_default("rho", self._check_group_value("rho", rho))
         self._filters: dict[str, KalmanFactors] = {}
@@ -170,6 +176,14 @@ class RKalman(GRNGOptimizer):
             ),
             need_g=self.observation_noise is None,
         )
+
+    def _refuses_block(self, block: KroneckerBlock) -> str | None:
+        if block.diagonal_input:
+            return (
+                "RKalman filters a dense P_A (n_in × n_in), which for an embedding would be "
+                "vocab × vocab; KFAC, RING and RENG keep its A diagonal"
+            )
+        return None
 
     def filter(self, key: str) -> KalmanFactors | None:
         """The filter state of block ``key`` (None before its first update)."""
