@@ -284,3 +284,38 @@ def test_coverage_is_stated_once_in_one_line(caplog):
     total = sum(p.numel() for p in model.parameters())
     assert handle.coverage.covered == linear and handle.coverage.total == total
     assert f"{linear / total:.1%}" in lines[0] and "'1' (LayerNorm)" in lines[0]
+
+
+class EncoderLM(nn.Module):
+    """A standard PyTorch language model: token and position embeddings,
+    ``nn.TransformerEncoder`` (MultiheadAttention, feed-forward, LayerNorms), a final norm and a
+    Linear head (width 64, 2 layers, vocabulary 65, context 64: the Shakespeare model's sizes)."""
+
+    def __init__(self, vocab: int = 65, dim: int = 64, context: int = 64, layers: int = 2):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(context, dim)
+        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        t = ids.shape[1]
+        h = self.tok(ids) + self.pos(torch.arange(t))
+        mask = nn.Transformer.generate_square_subsequent_mask(t)
+        return self.head(self.norm(self.encoder(h, mask=mask, is_causal=True)))
+
+
+@pytest.mark.parametrize("cls", [KFAC, RING, RENG])
+def test_standard_transformer_lm_is_at_least_95_percent_in_kronecker_blocks(cls, caplog):
+    model = EncoderLM()
+    opt = cls(model.parameters(), lr=0.03)
+    with caplog.at_level(logging.INFO, logger="lightning_grng"), pytest.warns(UserWarning):
+        handle = attach(model, opt)
+    coverage = handle.coverage
+    assert coverage.share >= 0.95, str(coverage)
+    # Only the LayerNorms fall back.
+    assert all("LayerNorm" in name for name in coverage.fallback), coverage.fallback
+    line = next(r.getMessage() for r in caplog.records if r.name == "lightning_grng")
+    assert f"{coverage.share:.1%}" in line

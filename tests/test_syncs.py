@@ -113,3 +113,38 @@ def test_counter_sees_every_kind_of_read_back():
         f"{t.sum():.1f}"
         t.mul(2).add_(1)  # not a sync
     assert counter.total == 10, dict(counter.by_kind)
+
+
+class _TinyEncoderLM(nn.Module):
+    """Embedding, MultiheadAttention (through nn.TransformerEncoderLayer), LayerNorm (Adam
+    fallback) and a head: every block type of a transformer, and the tying check."""
+
+    def __init__(self, vocab: int = 13, dim: int = 8) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(dim, 2, 16, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.tok(ids)))
+
+
+@pytest.mark.parametrize("name", ["KFAC-eigh", "KFAC-newton", "RING-newton", "RENG"])
+def test_transformer_blocks_and_adam_fallback_keep_the_budget(name):
+    torch.manual_seed(0)
+    model = _TinyEncoderLM()
+    opt = OPTIMIZERS[name](model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the LayerNorms' fallback is named in a warning
+        lg.attach(model, opt)
+    counts = []
+    for _ in range(7):
+        ids = torch.randint(0, 13, (4, 6))
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(ids).reshape(-1, 13), ids.reshape(-1))
+        loss.backward(create_graph=isinstance(opt, lg.RENG))
+        with SyncCounter() as counter:
+            opt.step()
+        counts.append(counter.total)
+    assert max(counts) <= 1, counts

@@ -151,11 +151,12 @@ class KroneckerBlock(ABC):
         G = [_pad_rows(g * math.sqrt(g.shape[0] / rows), rows) for g in g_parts]
         return A, torch.stack(G)
 
-    def foreign_gradient(self, grad: Tensor, a_sum: Tensor) -> bool:
+    def foreign_gradient(self, grad: Tensor, a_sum: Tensor) -> Tensor | None:
         """Whether the weight's gradient ``grad`` provably has contributions from outside this
-        layer (its weight used elsewhere too), given the window's input statistics ``a_sum``.
-        False when that cannot be told (the default)."""
-        return False
+        layer (its weight used elsewhere too), given the window's input statistics ``a_sum``:
+        a 0-dim bool tensor (decided on the device, read with the step's one read-back), or
+        None when that cannot be told (the default)."""
+        return None
 
     def samples(self, x: Tensor) -> int:
         """Number of loss samples one forward call on ``x`` represents (the N of G's scale,

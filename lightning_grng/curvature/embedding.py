@@ -50,12 +50,12 @@ class EmbeddingBlock(KroneckerBlock):
         samples (``docs/algorithms.md`` §1)."""
         return max(x.numel(), 1)
 
-    def foreign_gradient(self, grad: Tensor, a_sum: Tensor) -> bool:
+    def foreign_gradient(self, grad: Tensor, a_sum: Tensor) -> Tensor | None:
         """A token that no input of the window holds (or the padding token) gets no gradient
         from the embedding: a non-zero gradient row there comes from another use of the weight
         (e.g. an output layer ``F.linear(h, embedding.weight)``)."""
         absent = a_sum[0] == 0
-        return bool(grad[absent].any())
+        return ((grad != 0).any(-1) & absent).any()  # masks, not indexing: no host sync
 
     def input_rows(self, x: Tensor) -> Tensor:
         """Token ids ``(1, rows)``; ``padding_idx`` becomes -1 (a zero one-hot row)."""

@@ -124,14 +124,23 @@ class KFAC(GRNGOptimizer):
     def _used_elsewhere(self, key: str, block: KroneckerBlock, accumulator: Any) -> bool:
         """A block whose weight provably gets gradient from another use as well (an embedding
         whose weight an output layer uses through ``F.linear``) keeps no factors: its
-        parameters get the fallback update, said once."""
+        parameters get the fallback update, said once. The test runs on the device; its flag
+        is read with the step's one read-back, which drops the block before preconditioning."""
         if key in self._foreign:
             return True
         grad = block.weight.grad
         if grad is None or accumulator.a_sum is None:
             return False
-        if not block.foreign_gradient(grad, accumulator.a_sum):
-            return False
+        flag = block.foreign_gradient(grad, accumulator.a_sum)
+        if flag is not None:
+            self._note(
+                flag, lambda found, key=key, block=block: self._drop_foreign(key, block, found)
+            )
+        return False
+
+    def _drop_foreign(self, key: str, block: KroneckerBlock, found: float) -> None:
+        if not found or key in self._foreign:
+            return
         self._foreign.add(key)
         self._factors.pop(key, None)
         warnings.warn(
@@ -139,12 +148,11 @@ class KFAC(GRNGOptimizer):
             f"({type(block.module).__name__}) gets gradient from outside the module (tied to "
             "an output layer through F.linear or a matmul?); one Kronecker block cannot "
             f"precondition a gradient summed over two uses, so it gets the fallback update "
-            f"({self._fallback_text}). Tie modules instead (head.weight = embedding.weight), which "
-            "attach() recognizes.",
+            f"({self._fallback_text}). Tie modules instead (head.weight = embedding.weight), "
+            "which attach() recognizes.",
             RuntimeWarning,
-            stacklevel=5,
+            stacklevel=6,
         )
-        return True
 
     def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> Tensor:
         if self._used_elsewhere(key, block, accumulator):
