@@ -351,7 +351,7 @@ def test_param_groups_scheduler_and_clipping():
         warnings.simplefilter("ignore")
         opt = lg.RING([{"params": body}, {"params": head, "lr": 0.01, "rho": 0.0}], lr=0.05)
         lg.attach(model, opt)
-    assert opt.param_groups[1]["rho"] == 0.0 and opt.param_groups[0]["rho"] == 0.1
+    assert opt.param_groups[1]["rho"] == 0.0 and opt.param_groups[0]["rho"] == 10.0
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     for i in range(4):
         opt.zero_grad()
