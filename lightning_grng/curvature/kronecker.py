@@ -209,12 +209,13 @@ class KroneckerFactors:
         M_G = _add_to_diagonal(G, root / pi)
         cold = self.cold_next or self.inv_A is None or self.inv_A.shape != A.shape
         new, usable = [], []
-        pending = [(_add_to_diagonal(A, pi * root), self.inv_A), (M_G, self.inv_G)]
         if self.a_is_diagonal:  # the damped diagonal's inverse is exact: no Newton step
             inv = (A + (pi * root)[..., None]).reciprocal()
             new.append(inv)
             usable.append(torch.isfinite(inv).all(-1))
-            pending = pending[1:]
+            pending = [(M_G, self.inv_G)]
+        else:
+            pending = [(_add_to_diagonal(A, pi * root), self.inv_A), (M_G, self.inv_G)]
         for M, previous in pending:
             X0 = newton_schulz_cold_start(M)
             if not cold and previous is not None:
