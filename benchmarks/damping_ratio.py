@@ -68,14 +68,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for key, block in opt.blocks.items():
         f = opt.factors(key)
-        eig_a = torch.linalg.eigvalsh(f.A.double())[..., -1]
+        diagonal = f.A.dim() == 2  # an embedding's A is stored as its diagonal
+        eig_a = f.A.double().amax(-1) if diagonal else torch.linalg.eigvalsh(f.A.double())[..., -1]
         eig_g = torch.linalg.eigvalsh(f.G.double())[..., -1]
         top = float((eig_a * eig_g).max())
-        mean = float(
-            (torch.diagonal(f.A, dim1=-2, dim2=-1).mean(-1))
-            .mul(torch.diagonal(f.G, dim1=-2, dim2=-1).mean(-1))
-            .mean()
-        )
+        diag_a = f.A if diagonal else torch.diagonal(f.A, dim1=-2, dim2=-1)
+        mean = float(diag_a.mean(-1).mul(torch.diagonal(f.G, dim1=-2, dim2=-1).mean(-1)).mean())
         ratio = opt.diagnostics.get(f"damping_ratio/{block.name}")
         gamma = float(ratio) * mean if ratio is not None else opt.param_groups[0]["damping"]
         print(
