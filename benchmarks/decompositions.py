@@ -1,4 +1,4 @@
-"""Cost of refreshing one Kronecker factor's inverse representation, by route and size, on CPU.
+"""Cost of refreshing one Kronecker factor's inverse representation, by route and size.
 
 Compares, for an EMA factor one step after its last refresh (``F' = 0.95·F + 0.05·S``):
 
@@ -11,9 +11,11 @@ Compares, for an EMA factor one step after its last refresh (``F' = 0.95·F + 0.
 
 and the Newton–Schulz steps a warm start actually needs to reach ``‖I − XF‖_F <= 1e-4``
 (float32), the measurement behind the fixed warm count. Single thread, float32, median of
-``--repeats`` runs. Writes a markdown table to ``benchmarks/results/decompositions.md``.
+``--repeats`` runs. Writes a markdown table to ``benchmarks/results/decompositions.md``; with
+``--device cuda`` it times on the GPU (synchronized) and adds the 1024 and 2048 widths of the
+device check's 512-wide transformer.
 
-    python -m benchmarks.decompositions [--repeats 5] [--out benchmarks/results/decompositions.md]
+    python -m benchmarks.decompositions [--repeats 5] [--device cpu|cuda] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -46,12 +48,22 @@ def ema_factors(n: int, damping: float = 1e-3) -> tuple[torch.Tensor, torch.Tens
     return F, 0.95 * F + 0.05 * (batch.T @ batch / (n // 2) + damping * torch.eye(n))
 
 
-def timed(fn, repeats: int) -> float:
+CPU = torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeats: int, device: torch.device = CPU) -> float:
     fn()  # warm-up
     runs = []
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         runs.append(time.perf_counter() - start)
     return 1000 * statistics.median(runs)
 
@@ -62,7 +74,7 @@ def qr_power(F: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def warm_ns(F: torch.Tensor, X0: torch.Tensor) -> torch.Tensor:
-    eye = torch.eye(F.shape[-1])
+    eye = torch.eye(F.shape[-1], device=F.device)
     ok = spectral_radius_mask(eye - X0 @ F)
     X0 = torch.where(ok, X0, newton_schulz_cold_start(F))
     return newton_schulz_steps(F, X0, WARM_NEWTON_ITERS)[0]
@@ -79,12 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decompositions.md"))
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    dev = torch.device(args.device)
+    where = (
+        f"{torch.cuda.get_device_name(dev)} (synchronized)"
+        if dev.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}), 1 thread"
+    )
     lines = [
         "# Refreshing one Kronecker factor: eigh vs warm QR/power iteration vs Newton–Schulz",
         "",
-        f"CPU ({platform.processor() or platform.machine()}), 1 thread, float32, torch "
+        f"{where}, float32, torch "
         f"{torch.__version__}; median of {args.repeats} runs, in ms; written by "
         "`python -m benchmarks.decompositions`. The machine is shared with other jobs, so "
         "single numbers can be noisy; ratios between columns are the stable part.",
@@ -93,15 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{WARM_NEWTON_ITERS} it.) | ns-cold (30 it.) | NS it. a warm start needs (tol 1e-4) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    for n in SIZES:
-        F, F_next = ema_factors(n)
+    for n in SIZES + ((1024, 2048) if dev.type == "cuda" else ()):
+        F, F_next = (t.to(dev) for t in ema_factors(n))
         _, Q = spd_eigh(F)
         X0 = newton_schulz_steps(F, newton_schulz_cold_start(F), 40)[0]
         row = [
-            timed(lambda F=F_next: spd_eigh(F), args.repeats),
-            timed(lambda F=F_next, Q=Q: qr_power(F, Q), args.repeats),
-            timed(lambda F=F_next, X0=X0: warm_ns(F, X0), args.repeats),
-            timed(lambda F=F_next: newton_schulz_steps(F, newton_schulz_cold_start(F), 30), 2),
+            timed(lambda F=F_next: spd_eigh(F), args.repeats, dev),
+            timed(lambda F=F_next, Q=Q: qr_power(F, Q), args.repeats, dev),
+            timed(lambda F=F_next, X0=X0: warm_ns(F, X0), args.repeats, dev),
+            timed(lambda F=F_next: newton_schulz_steps(F, newton_schulz_cold_start(F), 30), 2, dev),
         ]
         need = warm_iterations_needed(F_next, X0)
         lines.append(
