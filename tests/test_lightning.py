@@ -206,6 +206,9 @@ def test_diagnostics_are_logged(tmp_path):
     keys += ("grng/rejected_statistics",)
     for key in keys:
         assert key in header[0]
+    # The per-layer damping-to-curvature ratio of every Kronecker block (issue 11).
+    ratios = {k for k in header[0].split(",") if k.startswith("grng/damping_ratio/")}
+    assert ratios == {"grng/damping_ratio/net.0", "grng/damping_ratio/net.2"}
 
 
 def _resumable(make_opt, tmp_path, epochs, ckpt_path=None):
