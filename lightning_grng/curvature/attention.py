@@ -63,12 +63,10 @@ _attention_forward = _transparent(F.multi_head_attention_forward)
 class _LinearInterception(TorchFunctionMode):
     """Records the ``F.linear`` calls of one attention forward whose weight ``match`` knows."""
 
-    def __init__(
-        self, match: _Match, record: ForwardRecord, module: nn.Module, batch: int, call: int
-    ) -> None:
+    def __init__(self, match: _Match, record: ForwardRecord, module: nn.Module, call: int) -> None:
         super().__init__()
         self.match, self.record = match, record
-        self.module, self.batch, self.call = module, batch, call
+        self.module, self.call = module, call
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
@@ -87,12 +85,6 @@ class _LinearInterception(TorchFunctionMode):
                 rows = max(x.numel() // max(x.shape[-1], 1), 1)
                 self.record(self.module, x, out, rows, part, self.call)
         return out
-
-
-def _attention_batch(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> int:
-    """Samples in an attention call: the query's rows (tokens), as for a Linear on them."""
-    query = args[0] if args else kwargs["query"]
-    return max(query.numel() // max(query.shape[-1], 1), 1)
 
 
 _calls = itertools.count()
@@ -117,9 +109,7 @@ def register_interception(
         if not module.training:
             record(module, None, None, 0)
             return
-        mode = _LinearInterception(
-            match, record, module, _attention_batch(attention, args, kwargs), next(_calls)
-        )
+        mode = _LinearInterception(match, record, module, next(_calls))
         mode.__enter__()
         modes.append(mode)
 

@@ -43,6 +43,18 @@ def default_tolerance(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-4
 
 
+def _power_iteration_radius(E: Tensor, iters: int) -> Tensor:
+    """``iters`` power-iteration steps from the ones vector: an estimate of the largest
+    ``|eigenvalue|`` per batch element, shape ``E.shape[:-2]`` (on the device)."""
+    v = torch.ones(*E.shape[:-1], 1, dtype=E.dtype, device=E.device)
+    estimate = torch.zeros(E.shape[:-2], dtype=E.dtype, device=E.device)
+    for _ in range(iters):
+        w = E @ v
+        estimate = torch.linalg.vector_norm(w, dim=(-2, -1))
+        v = w / estimate.clamp_min(torch.finfo(E.dtype).tiny)[..., None, None]
+    return estimate
+
+
 def spectral_radius_estimate(E: Tensor, iters: int = 12) -> float:
     """Largest ``|eigenvalue|`` of ``E`` (max over the batch) by power iteration.
 
@@ -51,13 +63,7 @@ def spectral_radius_estimate(E: Tensor, iters: int = 12) -> float:
     low-rank-updated factors, so the warm start is accepted on this cheap ``O(n²)`` estimate and
     guarded against divergence.
     """
-    v = torch.ones(*E.shape[:-1], 1, dtype=E.dtype, device=E.device)
-    estimate = torch.zeros(E.shape[:-2], dtype=E.dtype, device=E.device)
-    for _ in range(iters):
-        w = E @ v
-        estimate = torch.linalg.vector_norm(w, dim=(-2, -1))
-        v = w / estimate.clamp_min(torch.finfo(E.dtype).tiny)[..., None, None]
-    value = float(estimate.max())
+    value = float(_power_iteration_radius(E, iters).max())
     return value if value == value else float("inf")
 
 
@@ -151,13 +157,7 @@ def spectral_radius_mask(E: Tensor, bound: float = 0.9, iters: int = 12) -> Tens
     The device-side form of :func:`spectral_radius_estimate` (no host read-back): a boolean
     tensor of shape ``E.shape[:-2]``, False where the estimate is not finite.
     """
-    v = torch.ones(*E.shape[:-1], 1, dtype=E.dtype, device=E.device)
-    estimate = torch.zeros(E.shape[:-2], dtype=E.dtype, device=E.device)
-    for _ in range(iters):
-        w = E @ v
-        estimate = torch.linalg.vector_norm(w, dim=(-2, -1))
-        v = w / estimate.clamp_min(torch.finfo(E.dtype).tiny)[..., None, None]
-    return estimate < bound  # NaN compares False
+    return _power_iteration_radius(E, iters) < bound  # NaN compares False
 
 
 def newton_schulz_steps(M: Tensor, X: Tensor, iters: int) -> tuple[Tensor, Tensor]:

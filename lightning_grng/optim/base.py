@@ -33,8 +33,6 @@ from lightning_grng.optim.validation import check_choice, check_int, check_range
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
-#: How parameters without a Kronecker block are updated by default (``optim/fallback.py``).
-FALLBACK_UPDATE = describe(FallbackMode.ADAM)
 
 _MAX_DAMPING_BOOST = 2.0**20
 
@@ -48,15 +46,6 @@ GROUP_RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
 }
 #: The gradient-regularization strength of RING, RENG and RKalman.
 RHO_RANGE = {"rho": (0.0, None, False, False)}
-
-
-def _total(values: Iterable[Tensor]) -> float:
-    """Sum of scalar tensors read back with one host sync (not one per parameter)."""
-    items = list(values)
-    if not items:
-        return 0.0
-    device = items[0].device
-    return float(torch.stack([v.to(device) for v in items]).sum())
 
 
 def _device_total(values: Iterable[Tensor]) -> Tensor:
