@@ -214,29 +214,53 @@ def _sophia(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def _ours(cls: type[lg.GRNGOptimizer], grid: tuple[float, ...], what: str) -> OptimizerSpec:
-    """This project's optimizers at their defaults; all but KFAC regularize the gradient."""
+    """This project's optimizers at their defaults; all but KFAC regularize the gradient. KFAC,
+    RING and RENG are pinned to the paper's ``preconditioner="kfac"`` route."""
+    pinned = {} if cls is lg.RKalman else {"preconditioner": "kfac"}
     return OptimizerSpec(
         cls.__name__,
-        lambda m, lr, **kw: cls(m.parameters(), lr=lr, **kw),
+        lambda m, lr, **kw: cls(m.parameters(), lr=lr, **pinned, **kw),
         grid,
-        f"lightning_grng {what}, defaults",
+        f"lightning_grng {what}, defaults" + (", preconditioner='kfac'" if pinned else ""),
         "kfac" if cls is lg.KFAC else "grng",
         damping_kw="damping",
     )
 
 
-def _twin(cls: type[lg.GRNGOptimizer]) -> OptimizerSpec:
+def _twin(
+    cls: type[lg.GRNGOptimizer], mode: str | None = None, tasks: tuple[str, ...] | None = None
+) -> OptimizerSpec:
     """GR's own effect: the same optimizer, route and every other setting, with ρ = 0."""
-    name = cls.__name__
+    name = cls.__name__ if mode is None else f"{cls.__name__}-{mode}"
+    extra = {} if mode is None else {"preconditioner": mode}
     return OptimizerSpec(
         f"{name}-rho0",
-        lambda m, lr, **kw: cls(m.parameters(), lr=lr, rho=0.0, **kw),
+        lambda m, lr, **kw: cls(m.parameters(), lr=lr, rho=0.0, **extra, **kw),
         (),
         f"{name} with rho=0, everything else identical (at {name}'s chosen lr)",
         "ablation",
-        damping_kw="damping",
+        damping_kw="damping" if mode is None else None,
         twin_of=name,
+        tasks=tasks,
     )
+
+
+def _eigen(
+    cls: type[lg.GRNGOptimizer], what: str, tasks: tuple[str, ...] | None = None
+) -> OptimizerSpec:
+    """The eigenvalue-corrected mode (issue 12) at its defaults."""
+    return OptimizerSpec(
+        f"{cls.__name__}-eigen",
+        lambda m, lr: cls(m.parameters(), lr=lr, preconditioner="eigen"),
+        (3e-3, 1e-2, 3e-2, 0.1),
+        f"lightning_grng {what}, preconditioner='eigen', defaults",
+        "kfac" if cls is lg.KFAC else "grng",
+        tasks=tasks,
+    )
+
+
+#: RENG costs two to three AdamW steps per step; its eigen mode runs on the language tasks.
+LANGUAGE_TASKS = ("shakespeare", "imdb")
 
 
 GENERALIZATION_TASKS = ("fashion_mnist_small",)
@@ -305,6 +329,16 @@ SPECS: tuple[OptimizerSpec, ...] = (
         )
     ),
     *(_twin(cls) for cls in (lg.RING, lg.RENG, lg.RKalman)),
+    *(
+        _eigen(cls, what, tasks)
+        for cls, what, tasks in (
+            (lg.KFAC, "KFAC", None),
+            (lg.RING, "RING", None),
+            (lg.RENG, "RENG (double backprop)", LANGUAGE_TASKS),
+        )
+    ),
+    _twin(lg.RING, "eigen"),
+    _twin(lg.RENG, "eigen", LANGUAGE_TASKS),
 )
 
 BY_NAME = {spec.name: spec for spec in SPECS}

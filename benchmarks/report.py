@@ -30,7 +30,7 @@ DASH = "—"
 STEP_TIME_LIMIT = 1.2
 # This project's optimizers; everything else in a results folder is a baseline.
 PROJECT_FAMILIES = ("grng", "ablation")
-PROJECT_KFAC = "KFAC"
+PROJECT_KFAC = ("KFAC", "KFAC-eigen")  # this project's ρ = 0 members (family "kfac")
 # Quality fields that mean nothing once a run has diverged, even if the suite logged a number.
 QUALITY_FIELDS = {"final_train_loss", "final_val", "best_val", "final_test", "test_loss"}
 
@@ -108,7 +108,7 @@ class Results:
         return (self.meta.get("optimizers") or {}).get(opt, {}).get("family", "")
 
     def ours(self, opt: str) -> bool:
-        return opt == PROJECT_KFAC or self.family(opt) in PROJECT_FAMILIES
+        return opt in PROJECT_KFAC or self.family(opt) in PROJECT_FAMILIES
 
     def twin_of(self, opt: str) -> str | None:
         return (self.meta.get("optimizers") or {}).get(opt, {}).get("twin_of")

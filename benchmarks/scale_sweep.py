@@ -23,10 +23,12 @@ from benchmarks.tasks import TASKS
 def _value(text: str) -> object:
     if text.lower() == "none":
         return None
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def main() -> None:

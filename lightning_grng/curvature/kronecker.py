@@ -9,6 +9,11 @@ Two inverse routes:
 * ``"newton"``: warm-started Newton–Schulz inverses of the factored-damped factors
   ``(A + π√γ I)⁻¹`` and ``(G + √γ/π I)⁻¹`` (π balances the factors' mean eigenvalues), matmuls
   only. The damping is frozen at the last refresh.
+
+The eigen-corrected mode (``preconditioner="eigen"``, ``docs/algorithms.md`` §8) keeps the eigh
+route's basis but replaces the eigenvalue products ``s aᵀ`` by :attr:`KroneckerFactors.moment`, a
+running second moment of the gradient in that basis (EKFAC, George et al. 2018; SOAP). A basis
+refresh carries the moment into the new basis as the diagonal of the same operator.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ class KroneckerFactors:
         dtype: storage dtype of the factors (statistics arrive in float32 or better and are cast).
     """
 
-    TENSORS = ("A", "G", "eval_A", "evec_A", "eval_G", "evec_G", "inv_A", "inv_G")
+    TENSORS = ("A", "G", "eval_A", "evec_A", "eval_G", "evec_G", "inv_A", "inv_G", "moment")
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -71,6 +76,10 @@ class KroneckerFactors:
         self.evec_G: Tensor | None = None
         self.inv_A: Tensor | None = None
         self.inv_G: Tensor | None = None
+        #: Eigen-corrected mode: EMA of the squared rotated gradient ``(Q_Gᵀ V Q_A)²``, shape
+        #: ``(g, n_out, n_in)``, and how many gradients it holds (for the bias correction).
+        self.moment: Tensor | None = None
+        self.moment_count = 0
         self.updates = 0
         self.newton_iterations = 0
         #: Device flag: the factors hold at least one accepted statistic (None: loaded state).
@@ -170,6 +179,8 @@ class KroneckerFactors:
             None if new is None else _keep_last_good(new, prev, take)
             for new, prev in zip(parts, old, strict=True)
         ]
+        if self.moment is not None:
+            self.moment = carry_moment(self.moment, (old[1], kept[1]), (old[3], kept[3]))
         self.eval_A, self.evec_A, self.eval_G, self.evec_G = kept
         self.inv_A = self.inv_G = None
         return self._failed(ok)
@@ -266,8 +277,33 @@ class KroneckerFactors:
             return (self.inv_G @ Vw * self.inv_A[..., None, :]).to(dtype)
         return (self.inv_G @ Vw @ self.inv_A).to(dtype)
 
+    def to_eigenbasis(self, V: Tensor) -> Tensor:
+        """``Q_Gᵀ V Q_A`` in the working dtype (eigh route only)."""
+        assert self.evec_G is not None
+        rotated = self.evec_G.transpose(-1, -2) @ V.to(self.evec_G.dtype)
+        return rotated if self.evec_A is None else rotated @ self.evec_A
+
+    def from_eigenbasis(self, R: Tensor, dtype: torch.dtype) -> Tensor:
+        """``Q_G R Q_Aᵀ`` cast to ``dtype``: the inverse of :meth:`to_eigenbasis`."""
+        assert self.evec_G is not None
+        out = self.evec_G @ R
+        return (out if self.evec_A is None else out @ self.evec_A.transpose(-1, -2)).to(dtype)
+
+    def observe_moment(self, R: Tensor, beta2: float) -> Tensor:
+        """Absorbs the rotated gradient ``R`` into the second moment and returns its
+        bias-corrected value ``m / (1 − β₂ᵗ)`` (Adam's correction: the EMA starts at 0).
+
+        A non-finite ``R`` leaves the moment unchanged (decided on the device)."""
+        square = R * R
+        if self.moment is None or self.moment.shape != square.shape:
+            self.moment, self.moment_count = torch.zeros_like(square), 0
+        ok = torch.isfinite(square).all()
+        self.moment = torch.where(ok, self.moment * beta2 + square * (1.0 - beta2), self.moment)
+        self.moment_count += 1
+        return self.moment / (1.0 - beta2**self.moment_count)
+
     def state_dict(self) -> dict[str, object]:
-        state: dict[str, object] = {"updates": self.updates}
+        state: dict[str, object] = {"updates": self.updates, "moment_count": self.moment_count}
         for key in self.TENSORS:
             value = getattr(self, key)
             if value is not None:
@@ -276,6 +312,7 @@ class KroneckerFactors:
 
     def load_state_dict(self, state: dict[str, object], device: torch.device) -> None:
         self.updates = int(state.get("updates", 0))  # type: ignore[arg-type]
+        self.moment_count = int(state.get("moment_count", 0))  # type: ignore[arg-type]
         for key in self.TENSORS:
             value = state.get(key)
             # Keep the saved dtype: optimizer checkpoints must not silently downcast factors.
@@ -284,6 +321,32 @@ class KroneckerFactors:
             self.dtype = self.A.dtype
         self.valid = self.unusable = None
         self.cold_next = False
+
+
+def carry_moment(
+    moment: Tensor,
+    basis_A: tuple[Tensor | None, Tensor | None],
+    basis_G: tuple[Tensor | None, Tensor | None],
+) -> Tensor:
+    """The second moment after a basis change ``(old, new)`` of each factor.
+
+    The moment is the diagonal of an operator ``M = diag(m)`` in the old basis; in the new one
+    its diagonal is ``(P_G∘P_G) m (P_A∘P_A)ᵀ`` with ``P = Q_newᵀ Q_old`` (``docs/algorithms.md``
+    §8). Exact when the basis is unchanged (also up to signs and the order of eigenvectors); the
+    off-diagonal part the new basis would see is dropped, which is the mode's approximation. A
+    missing old basis (the first decomposition) or A stored as its diagonal keeps that side.
+    """
+    out = moment
+    old_G, new_G = basis_G
+    if old_G is not None and new_G is not None and old_G.shape == new_G.shape:
+        P = new_G.transpose(-1, -2) @ old_G.to(new_G.dtype)
+        out = (P * P) @ out.to(P.dtype)
+    old_A, new_A = basis_A
+    if old_A is not None and new_A is not None and old_A.shape == new_A.shape:
+        P = new_A.transpose(-1, -2) @ old_A.to(new_A.dtype)
+        out = out.to(P.dtype) @ (P * P).transpose(-1, -2)
+    # A non-finite old basis (a failed first decomposition) carries nothing over.
+    return torch.where(torch.isfinite(out).all(), out.to(moment.dtype), moment)
 
 
 def _keep_last_good(new: Tensor, previous: Tensor | None, take: Tensor) -> Tensor:

@@ -97,6 +97,9 @@ class GRNGOptimizer(Optimizer):
         self.loss_reduction = check_choice(name, "loss_reduction", loss_reduction, LossReduction)
         self.fallback = check_choice(name, "fallback", fallback, FallbackMode)
         self.fallback_lr = check_range(name, "fallback_lr", fallback_lr, 0.0, low_open=True)
+        #: Momentum as an EMA ``m ← μm + (1 − μ)U`` (the update keeps U's units, as Adam's
+        #: first moment does) instead of heavy ball ``m ← μm + U``; the eigen-corrected mode.
+        self.momentum_ema = False
         super().__init__(params, defaults)
 
         self._gate = CaptureGate(self.fisher)
@@ -136,6 +139,9 @@ class GRNGOptimizer(Optimizer):
         self._step_grad_sq = 0.0
         #: Module name -> damping-to-curvature ratio γ / (mean eigenvalue of A ⊗ G), this step.
         self._damping_ratios: dict[str, Tensor] = {}
+        #: Steps (since construction) whose KL-clip scale was below 1, on the device.
+        self._kl_bound_steps: Tensor | None = None
+        self._kl_clipped_steps = 0
         # Failures within the current step, so DDP ranks can agree on the damping boost.
         self._doublings = 0
         self._boost_at_start = 1.0
@@ -396,6 +402,7 @@ class GRNGOptimizer(Optimizer):
             fallback = []
 
         scale = self._kl_scale(directions, {p: grad_of[p] for p in directions}, group_of)
+        binding = self._count_kl_binding(scale)
         self._apply(directions, scale)
         self._apply_fallback(fallback, grad_of, group_of)
         self._step_grads = {}
@@ -407,6 +414,7 @@ class GRNGOptimizer(Optimizer):
             "grad_norm": math.sqrt(self._grad_sq_host) if plain is None else plain**0.5,
             "damping": self._effective_damping(self.param_groups[0], self._grad_sq_host),
             "kl_scale": scale,
+            **binding,
             "skipped_steps": float(self.skipped_steps),
             "rejected_statistics": float(self.rejected_statistics),
             **{f"damping_ratio/{name}": r for name, r in self._damping_ratios.items()},
@@ -655,6 +663,18 @@ class GRNGOptimizer(Optimizer):
         scale = torch.sqrt(self.kl_clip / torch.where(usable, vg, torch.ones_like(vg)))
         return torch.where(usable, scale.clamp(max=1.0), torch.ones_like(vg))
 
+    def _count_kl_binding(self, scale: float | Tensor) -> dict[str, float | Tensor]:
+        """``kl_clip_bound`` (this step's scale < 1, as 0/1) and ``kl_clip_bind_rate`` (the
+        fraction of such steps since construction); kept on the device. Empty without a clip."""
+        if not isinstance(scale, Tensor):
+            return {}
+        bound = (scale < 1.0).to(torch.float64)
+        total = self._kl_bound_steps
+        self._kl_bound_steps = bound if total is None else total.to(bound.device) + bound
+        self._kl_clipped_steps += 1
+        rate = self._kl_bound_steps / self._kl_clipped_steps
+        return {"kl_clip_bound": bound, "kl_clip_bind_rate": rate}
+
     def _apply(self, directions: dict[Tensor, Tensor], scale: float) -> None:
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -668,7 +688,7 @@ class GRNGOptimizer(Optimizer):
                     if buf is None:
                         state["momentum_buffer"] = buf = update.clone()
                     else:
-                        buf.mul_(mu).add_(update)
+                        buf.mul_(mu).add_(update, alpha=1.0 - mu if self.momentum_ema else 1.0)
                     update = buf
                 if wd > 0.0:
                     p.mul_(1.0 - lr * wd)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -27,6 +27,24 @@ class DampingMode(str, Enum):
     ABSOLUTE = "absolute"
 
 
+class Preconditioner(str, Enum):
+    """How a block's gradient is scaled in the Kronecker eigenbasis (``docs/algorithms.md`` §8)."""
+
+    #: ``(A ⊗ G + γI)⁻¹``: the eigenvalue products ``s aᵀ`` (the paper's K-FAC; eigh or Newton).
+    KFAC = "kfac"
+    #: ``(D + γ)^(−power)`` in the eigenbasis of A and G, with D a running second moment of the
+    #: rotated gradient (eigenvalue-corrected, EKFAC/SOAP-like; eigh only).
+    EIGEN = "eigen"
+
+
+#: Defaults that depend on the preconditioner mode (``docs/defaults.md``): the relative damping
+#: λ and the Adam fallback's lr multiple (the eigen mode's lr has Adam's units).
+MODE_DEFAULTS: dict[Preconditioner, dict[str, float]] = {
+    Preconditioner.KFAC: dict(damping=100.0, fallback_lr=0.1),
+    Preconditioner.EIGEN: dict(damping=1e-4, fallback_lr=1.0),
+}
+
+
 class KFAC(GRNGOptimizer):
     """Kronecker-factored natural gradient: ``U = (A ⊗ G + λI)⁻¹ g`` per layer.
 
@@ -40,15 +58,17 @@ class KFAC(GRNGOptimizer):
         lr: learning rate.
         momentum: heavy-ball momentum on the preconditioned update, in [0, 1).
         weight_decay: decoupled weight decay (``θ ← θ·(1 − lr·wd)``), >= 0.
-        damping: Tikhonov damping λ > 0 added to the Kronecker-factored Fisher, in the units of
-            ``damping_mode``.
+        damping: Tikhonov damping λ > 0 added to the curvature, in the units of
+            ``damping_mode``; None (default): 100 for ``preconditioner="kfac"``, 1e-4 for
+            ``"eigen"`` (relative units).
         damping_mode: ``"relative"`` (default: γ = λ times the mean eigenvalue of each block's
             A ⊗ G, so λ is scale-free) or ``"absolute"`` (γ = λ).
         ema_decay: decay of the factor moving averages, in [0, 1).
         curvature_every: refresh the factor statistics every this many steps.
         inverse_every: refresh the inverse representation every this many steps.
         inverse: ``"eigh"`` (exact damping via eigendecompositions) or ``"newton"`` (warm-started
-            Newton–Schulz inverses of factored-damped factors, matmuls only).
+            Newton–Schulz inverses of factored-damped factors, matmuls only; ``"kfac"`` mode
+            only). None (default): ``"eigh"``.
         newton_iters: maximum Newton–Schulz iterations per refresh.
         kl_clip: bound on the step's predicted KL change ``lr²·⟨U, g⟩``; None disables it.
         fisher: ``"empirical"`` (from the training loss's backward) or ``"mc"`` (labels sampled
@@ -59,7 +79,16 @@ class KFAC(GRNGOptimizer):
             ``"sgd"`` (the raw gradient through momentum and the KL-clip).
         fallback_lr: the Adam fallback's learning rate as a multiple of the group's ``lr``
             (so it follows the same schedule).
+        preconditioner: ``"kfac"`` (``(A ⊗ G + γI)⁻¹``, the paper's route) or ``"eigen"`` (the
+            eigenbasis of A and G with a running second moment of the rotated gradient in place
+            of the eigenvalue products; ``docs/algorithms.md`` §8).
+        beta2: ``"eigen"`` mode: decay of the second moment, in [0, 1).
+        power: ``"eigen"`` mode: the step is ``(D + γ)^(−power)`` in the eigenbasis, in (0, 1]
+            (½: Adam's scaling; 1: the natural gradient's).
     """
+
+    #: The ``inverse`` route when None is given (RING overrides it for ``"kfac"`` mode).
+    default_inverse: ClassVar[InverseMethod] = InverseMethod.EIGH
 
     def __init__(
         self,
@@ -67,24 +96,42 @@ class KFAC(GRNGOptimizer):
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        damping: float = 100.0,
+        damping: float | None = None,
         damping_mode: str = "relative",
         ema_decay: float = 0.95,
         curvature_every: int = 5,
         inverse_every: int = 20,
-        inverse: str = "eigh",
+        inverse: str | None = None,
         newton_iters: int = 30,
         kl_clip: float | None = 1e-2,
         fisher: str = "empirical",
         loss_reduction: str = "mean",
         fallback: str = "adam",
-        fallback_lr: float = 0.1,
+        fallback_lr: float | None = None,
+        preconditioner: str = "kfac",
+        beta2: float = 0.95,
+        power: float = 0.5,
     ) -> None:
         name = type(self).__name__
+        self.preconditioner = check_choice(name, "preconditioner", preconditioner, Preconditioner)
+        self.beta2 = check_range(name, "beta2", beta2, 0.0, 1.0, high_open=True)
+        self.power = check_range(name, "power", power, 0.0, 1.0, low_open=True)
         self.damping_mode = check_choice(name, "damping_mode", damping_mode, DampingMode)
         self.ema_decay = check_range(name, "ema_decay", ema_decay, 0.0, 1.0, high_open=True)
         self.inverse_every = check_int(name, "inverse_every", inverse_every)
+        eigen = self.preconditioner is Preconditioner.EIGEN
+        if inverse is None:
+            inverse = InverseMethod.EIGH if eigen else self.default_inverse
         self.inverse = check_choice(name, "inverse", inverse, InverseMethod)
+        if eigen and self.inverse is not InverseMethod.EIGH:
+            raise ValueError(
+                f"{name}: preconditioner='eigen' needs the eigenbasis of A and G, so "
+                f"inverse={self.inverse.value!r} is not possible; use inverse='eigh' (or leave "
+                "it None), or preconditioner='kfac' for the Newton–Schulz route."
+            )
+        mode_defaults = MODE_DEFAULTS[self.preconditioner]
+        damping = mode_defaults["damping"] if damping is None else damping
+        fallback_lr = mode_defaults["fallback_lr"] if fallback_lr is None else fallback_lr
         self.newton_iters = check_int(name, "newton_iters", newton_iters)
         super().__init__(
             params,
@@ -99,6 +146,7 @@ class KFAC(GRNGOptimizer):
             fallback=fallback,
             fallback_lr=fallback_lr,
         )
+        self.momentum_ema = eigen
         self._factors: dict[str, KroneckerFactors] = {}
         self.inverse_failures = 0
         #: Stagger the blocks' inverse refreshes over ``inverse_every`` steps (see
@@ -238,7 +286,36 @@ class KFAC(GRNGOptimizer):
         factors = self._factors.get(key)
         if factors is None or not factors.ready:
             return None
+        if self.preconditioner is Preconditioner.EIGEN:
+            return self._precondition_eigen(block, factors, V, group)
         return factors.precondition(V, self._block_damping(key, block, factors, group))
+
+    def _precondition_eigen(
+        self, block: KroneckerBlock, factors: KroneckerFactors, V: Tensor, group: dict[str, Any]
+    ) -> Tensor:
+        """``Q (D + γ + C_GR)^(−power) Qᵀ vec(V)``: the eigen-corrected stage (§8).
+
+        ``D`` is the bias-corrected second moment of the rotated gradient, γ the damping (in
+        relative mode λ times the block's mean of D, per group) and ``C_GR`` the diagonal the
+        gradient regularizer adds in this basis (:meth:`_eigen_gr_curvature`; 0 for KFAC)."""
+        R = factors.to_eigenbasis(V)
+        D = factors.observe_moment(R, self.beta2)
+        ratio = torch.full(
+            (D.shape[0],), group["damping"] * self.damping_boost, dtype=D.dtype, device=D.device
+        )
+        self._damping_ratios[block.name] = ratio.mean()
+        relative = self.damping_mode is DampingMode.RELATIVE
+        gamma = ratio * D.mean(dim=(-2, -1)) if relative else ratio
+        curvature = D + gamma[:, None, None] + self._eigen_gr_curvature(block, group, R)
+        curvature = curvature.clamp_min(torch.finfo(curvature.dtype).tiny)
+        scale = curvature.rsqrt() if self.power == 0.5 else curvature.pow(-self.power)
+        return factors.from_eigenbasis(R * scale, V.dtype)
+
+    def _eigen_gr_curvature(
+        self, block: KroneckerBlock, group: dict[str, Any], R: Tensor
+    ) -> Tensor | float:
+        """The gradient regularizer's curvature on the eigenbasis diagonal (KFAC: none)."""
+        return 0.0
 
     def _block_damping(
         self, key: str, block: KroneckerBlock, factors: KroneckerFactors, group: dict[str, Any]
@@ -274,6 +351,14 @@ class KFAC(GRNGOptimizer):
             {"A": (factors.A, block.n_in), "G": (factors.G, block.n_out)},
             diagonal=("A",) if block.diagonal_input else (),
         )
+        moment = factors.moment
+        if moment is not None and tuple(moment.shape) != (block.groups, block.n_out, block.n_in):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the second moment (moment) of module "
+                f"'{block.name}' has shape {tuple(moment.shape)}, expected "
+                f"{(block.groups, block.n_out, block.n_in)}; the checkpoint belongs to another "
+                "model."
+            )
         self._factors[key] = factors
 
     def _drop_block_state(self, key: str) -> None:

@@ -67,21 +67,24 @@ class RENG(KFAC):
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        damping: float = 100.0,
+        damping: float | None = None,
         damping_mode: str = "relative",
         rho: float = 0.1,
         ema_decay: float = 0.95,
         curvature_every: int = 5,
         inverse_every: int = 20,
-        inverse: str = "eigh",
+        inverse: str | None = None,
         newton_iters: int = 30,
         kl_clip: float | None = 1e-2,
         fisher: str = "empirical",
         loss_reduction: str = "mean",
         fallback: str = "adam",
-        fallback_lr: float = 0.1,
+        fallback_lr: float | None = None,
         gr_mode: str = "double_backprop",
         fd_eps: float = 1e-3,
+        preconditioner: str = "kfac",
+        beta2: float = 0.95,
+        power: float = 0.5,
     ) -> None:
         name = type(self).__name__
         self.gr_mode = check_choice(name, "gr_mode", gr_mode, GRMode)
@@ -103,6 +106,9 @@ class RENG(KFAC):
             loss_reduction=loss_reduction,
             fallback=fallback,
             fallback_lr=fallback_lr,
+            preconditioner=preconditioner,
+            beta2=beta2,
+            power=power,
         )
         self._add_group_default("rho", self._check_group_value("rho", rho))
         self._grads_regularized = False

@@ -8,8 +8,13 @@ import torch
 from torch import Tensor
 
 from lightning_grng.curvature.block import KroneckerBlock
+from lightning_grng.curvature.kronecker import InverseMethod
 from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, ParamsT
-from lightning_grng.optim.kfac import KFAC
+from lightning_grng.optim.kfac import KFAC, Preconditioner
+
+#: RING's default ρ per preconditioner mode (``docs/defaults.md``): relative units in
+#: ``"kfac"`` mode (§3), a dimensionless weight of the current gradient's square in ``"eigen"``.
+MODE_RHO = {Preconditioner.KFAC: 10.0, Preconditioner.EIGEN: 0.1}
 
 
 class RING(KFAC):
@@ -50,6 +55,7 @@ class RING(KFAC):
         **GROUP_RANGES,
         **RHO_RANGE,
     }
+    default_inverse: ClassVar[InverseMethod] = InverseMethod.NEWTON
 
     def __init__(
         self,
@@ -57,19 +63,22 @@ class RING(KFAC):
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        damping: float = 100.0,
+        damping: float | None = None,
         damping_mode: str = "relative",
-        rho: float = 10.0,
+        rho: float | None = None,
         ema_decay: float = 0.95,
         curvature_every: int = 5,
         inverse_every: int = 20,
-        inverse: str = "newton",
+        inverse: str | None = None,
         newton_iters: int = 30,
         kl_clip: float | None = 1e-2,
         fisher: str = "empirical",
         loss_reduction: str = "mean",
         fallback: str = "adam",
-        fallback_lr: float = 0.1,
+        fallback_lr: float | None = None,
+        preconditioner: str = "kfac",
+        beta2: float = 0.95,
+        power: float = 0.5,
     ) -> None:
         super().__init__(
             params,
@@ -88,7 +97,12 @@ class RING(KFAC):
             loss_reduction=loss_reduction,
             fallback=fallback,
             fallback_lr=fallback_lr,
+            preconditioner=preconditioner,
+            beta2=beta2,
+            power=power,
         )
+        if rho is None:
+            rho = MODE_RHO[self.preconditioner]
         self._add_group_default("rho", self._check_group_value("rho", rho))
 
     def _effective_damping(self, group: dict[str, Any], grad_sq_norm: float | Tensor) -> Any:
@@ -103,3 +117,10 @@ class RING(KFAC):
         trace = scale.sum() * (block.n_in * block.n_out)  # tr(A⊗G) over the block's groups
         gr = group["rho"] * grad_sq / trace.clamp_min(torch.finfo(scale.dtype).tiny)
         return group["damping"] + gr.expand_as(scale)
+
+    def _eigen_gr_curvature(
+        self, block: KroneckerBlock, group: dict[str, Any], R: Tensor
+    ) -> Tensor | float:
+        """``ρ R²``: the diagonal of the GR curvature ``ρ g gᵀ`` in the eigenbasis, the same
+        projection the eigen-corrected mode applies to the Fisher (§8). Exact, no majorizer."""
+        return group["rho"] * (R * R) if group["rho"] > 0.0 else 0.0
