@@ -170,6 +170,10 @@ def train(job: Job) -> tuple[dict[str, object], list[dict[str, object]]]:
         diverged=diverged or not final_loss < 0.95 * first_loss,
         train_metric=math.nan,
         sharpness=math.nan,
+        # GRNG optimizers: the fraction of steps whose KL-clip scale was below 1.
+        kl_clip_bind_rate=opt.opt.diagnostics.get("kl_clip_bind_rate", math.nan)
+        if opt.grng
+        else math.nan,
     )
     if task.metric == "accuracy" and not diverged:
         row["test_loss"] = task.evaluate(model, test_set, "loss")

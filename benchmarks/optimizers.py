@@ -80,6 +80,11 @@ class Optimizer:
         """One training step; returns (loss, ‖∇ℓ‖ of the plain minibatch loss)."""
         self.opt.zero_grad(set_to_none=True)
         loss = loss_of()
+        if self._finite_difference():
+            # RENG's finite-difference route: a plain backward, and a closure for its extra pass.
+            loss.backward()
+            self.opt.step(lambda: self._closure(loss_of))
+            return float(loss.detach()), self.opt.diagnostics.get("grad_norm", math.nan)
         if isinstance(self.opt, lg.RENG):
             lg.regularized_backward(loss, self.opt)
         else:
@@ -95,6 +100,15 @@ class Optimizer:
         if self.grng:
             norm = self.opt.diagnostics.get("grad_norm", math.nan)
         return float(loss.detach()), norm
+
+    def _finite_difference(self) -> bool:
+        return isinstance(self.opt, lg.RENG) and self.opt.gr_mode.value == "finite_difference"
+
+    def _closure(self, loss_of: Callable[[], Tensor]) -> Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        loss = loss_of()
+        loss.backward()
+        return loss
 
     def state_bytes(self) -> int:
         """Bytes of every tensor in the optimizer's state dict (moments, factors, ...)."""
@@ -219,7 +233,7 @@ def _ours(cls: type[lg.GRNGOptimizer], grid: tuple[float, ...], what: str) -> Op
     pinned = {} if cls is lg.RKalman else {"preconditioner": "kfac"}
     return OptimizerSpec(
         cls.__name__,
-        lambda m, lr, **kw: cls(m.parameters(), lr=lr, **pinned, **kw),
+        lambda m, lr, **kw: cls(m.parameters(), lr=lr, **{**pinned, **kw}),
         grid,
         f"lightning_grng {what}, defaults" + (", preconditioner='kfac'" if pinned else ""),
         "kfac" if cls is lg.KFAC else "grng",

@@ -75,6 +75,7 @@ def main() -> None:
                 train_loss=row["final_train_loss"],
                 seconds=row["train_seconds"],
                 diverged=row["diverged"],
+                kl_clip_bind_rate=row["kl_clip_bind_rate"],
             )
             print(out, flush=True)
             new = not args.out.exists()

@@ -53,6 +53,7 @@ RUN_FIELDS = (
     "diverged",
     "train_metric",
     "sharpness",
+    "kl_clip_bind_rate",
 )
 CURVE_FIELDS = (
     "task",

@@ -342,3 +342,16 @@ def test_state_size_counts_singds_structured_factors():
     momentum = sum(p.numel() for p in model.parameters()) * 4
     factors = (5 * 5 + 2 * 2) * 4  # K over the 4 inputs + bias, C over the 2 outputs (float32)
     assert opt.state_bytes() >= momentum + factors
+
+
+@pytest.mark.parametrize("preset", ["reng_routes", "eigen_schedule"])
+def test_variants_script_writes_its_tables(tmp_path, preset):
+    from benchmarks import variants
+
+    out = tmp_path / f"{preset}.md"
+    args = ["--preset", preset, "--task", "shakespeare", "--profile", "tiny", "--rounds", "2"]
+    variants.main([*args, "--out", str(out)])
+    text = out.read_text()
+    for name in variants.PRESETS[preset]:
+        assert text.count(f"| {name} |") == 2  # a timing row and a quality row
+    assert "| AdamW |" in text

@@ -19,6 +19,8 @@ OPTIMIZERS = {
     "RING-eigh": lambda p: lg.RING(p, inverse="eigh", inverse_every=3, **SCHEDULE),
     "RING-newton": lambda p: lg.RING(p, inverse="newton", inverse_every=3, **SCHEDULE),
     "RENG": lambda p: lg.RENG(p, inverse_every=3, **SCHEDULE),
+    "KFAC-eigen": lambda p: lg.KFAC(p, preconditioner="eigen", inverse_every=3, **SCHEDULE),
+    "RING-eigen": lambda p: lg.RING(p, preconditioner="eigen", inverse_every=3, **SCHEDULE),
     "RENG-newton": lambda p: lg.RENG(p, inverse="newton", inverse_every=3, **SCHEDULE),
     "RKalman": lambda p: lg.RKalman(p, **SCHEDULE),
     "RKalman-noise": lambda p: lg.RKalman(p, rho_mode="noise", measurement="rows", **SCHEDULE),
@@ -130,7 +132,7 @@ class _TinyEncoderLM(nn.Module):
         return self.head(self.encoder(self.tok(ids)))
 
 
-@pytest.mark.parametrize("name", ["KFAC-eigh", "KFAC-newton", "RING-newton", "RENG"])
+@pytest.mark.parametrize("name", ["KFAC-eigh", "KFAC-newton", "RING-newton", "RENG", "RING-eigen"])
 def test_transformer_blocks_and_adam_fallback_keep_the_budget(name):
     torch.manual_seed(0)
     model = _TinyEncoderLM()

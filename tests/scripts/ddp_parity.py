@@ -38,6 +38,8 @@ def make_optimizer(name: str, params):
         return lg.RING(params, lr=0.1, rho=0.1, curvature_every=1, inverse_every=2)
     if name == "RENG":
         return lg.RENG(params, lr=0.1, rho=0.1, curvature_every=1, inverse_every=1)
+    if name == "RING-eigen":  # the second moment lives with the block's owner
+        return lg.RING(params, lr=0.05, preconditioner="eigen", curvature_every=1, inverse_every=2)
     if name == "RKalman":
         # rows >= the global batch: the owner absorbs exactly the rows the 1-process run does.
         return lg.RKalman(
@@ -99,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--optimizers", default="KFAC,RING,RENG,RKalman")
+    parser.add_argument("--optimizers", default="KFAC,RING,RENG,RKalman,RING-eigen")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--layers", type=int, default=4)
