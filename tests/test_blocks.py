@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
 
 import lightning_grng as lg
+
+# The paper's K-FAC route: these tests check its math (the eigen mode: test_eigen.py).
+KFAC_K = partial(lg.KFAC, preconditioner="kfac")
+RING_K = partial(lg.RING, preconditioner="kfac")
+RENG_K = partial(lg.RENG, preconditioner="kfac")
 
 
 def _explicit_patches(x, conv: nn.Conv2d):
@@ -56,7 +63,7 @@ CONV_CASES = [
 def test_conv2d_factors_equal_explicit_patches(kwargs):
     conv = nn.Conv2d(**kwargs).double()
     model = nn.Sequential(conv, nn.Flatten())
-    opt = lg.KFAC(model.parameters(), curvature_every=1, ema_decay=0.0)
+    opt = KFAC_K(model.parameters(), curvature_every=1, ema_decay=0.0)
     lg.attach(model, opt)
     x = torch.randn(3, conv.in_channels, 7, 8, dtype=torch.float64)
     out = conv(x)
@@ -88,7 +95,7 @@ def test_conv_kfac_is_exact_for_one_position_and_one_sample():
     """With a single output position and one sample, the per-sample empirical Fisher of the
     conv weight is exactly A ⊗ G."""
     conv = nn.Conv2d(2, 3, kernel_size=3).double()
-    opt = lg.KFAC(conv.parameters(), curvature_every=1)
+    opt = KFAC_K(conv.parameters(), curvature_every=1)
     lg.attach(conv, opt)
     x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
     loss = nn.functional.cross_entropy(conv(x).flatten(1), torch.tensor([1]))
@@ -104,7 +111,7 @@ def test_linear_on_sequences_uses_rows_as_samples():
     """Every row (token) is a sample: G = R·Σ δδᵀ with R = B·T rows, the mean per-token
     Fisher factor of a per-token mean loss."""
     lin = nn.Linear(4, 3).double()
-    opt = lg.KFAC(lin.parameters(), curvature_every=1)
+    opt = KFAC_K(lin.parameters(), curvature_every=1)
     lg.attach(lin, opt)
     x = torch.randn(2, 5, 4, dtype=torch.float64)  # (B, T, d)
     out = lin(x)
@@ -122,7 +129,7 @@ def test_linear_on_sequences_uses_rows_as_samples():
 def _one_step(reduction: str, damping: float, x, y, mode: str = "relative"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
-    opt = lg.KFAC(
+    opt = KFAC_K(
         model.parameters(),
         lr=1.0,
         momentum=0.0,
@@ -218,7 +225,7 @@ CONV1D_CASES = [
 def test_conv1d_factors_equal_explicit_patches(kwargs):
     conv = nn.Conv1d(**kwargs).double()
     model = nn.Sequential(conv, nn.Flatten())
-    opt = lg.KFAC(model.parameters(), curvature_every=1, ema_decay=0.0)
+    opt = KFAC_K(model.parameters(), curvature_every=1, ema_decay=0.0)
     lg.attach(model, opt)
     assert isinstance(opt.blocks["0"], lg.curvature.Conv1dBlock)
     x = torch.randn(3, conv.in_channels, 9, dtype=torch.float64)
@@ -248,7 +255,7 @@ def test_conv1d_unbatched_input_matches_batch_of_one():
     factors = []
     for x in (torch.randn(2, 6, dtype=torch.float64),):
         for batched in (False, True):
-            opt = lg.KFAC(conv.parameters(), curvature_every=1, ema_decay=0.0)
+            opt = KFAC_K(conv.parameters(), curvature_every=1, ema_decay=0.0)
             handle = lg.attach(conv, opt)
             conv(x.unsqueeze(0) if batched else x).pow(2).sum().backward()
             opt.step()

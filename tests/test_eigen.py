@@ -285,7 +285,8 @@ def test_invalid_eigen_settings_are_refused(cls, kwargs, match):
 
 def test_mode_defaults():
     params = list(mlp().parameters())
-    kfac, eigen = lg.RING(params), lg.RING(params, preconditioner="eigen")
+    kfac, eigen = lg.RING(params, preconditioner="kfac"), lg.RING(params)
+    assert eigen.preconditioner.value == "eigen"  # the default mode
     assert kfac.inverse.value == "newton" and eigen.inverse.value == "eigh"
     assert kfac.defaults["damping"] == 100.0 and eigen.defaults["damping"] < 1.0
     assert kfac.fallback_lr == 0.1 and eigen.fallback_lr == 1.0

@@ -5,6 +5,7 @@ modules, whose blocks are checked against dense references in test_blocks.py."""
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -13,12 +14,17 @@ from torch import nn
 import lightning_grng as lg
 from lightning_grng.curvature import EmbeddingBlock, InProjBlock, KroneckerBlock, OutProjBlock
 
+# The paper's K-FAC route: these tests check its math (the eigen mode: test_eigen.py).
+KFAC_K = partial(lg.KFAC, preconditioner="kfac")
+RING_K = partial(lg.RING, preconditioner="kfac")
+RENG_K = partial(lg.RENG, preconditioner="kfac")
+
 E, HEADS = 8, 2
 
 
 def _kfac(params, **kwargs):
     kwargs = dict(lr=1.0, momentum=0.0, kl_clip=None, curvature_every=1, ema_decay=0.0) | kwargs
-    return lg.KFAC(params, **kwargs)
+    return KFAC_K(params, **kwargs)
 
 
 def _attach_quietly(model, opt, **kwargs):
@@ -155,15 +161,15 @@ def test_attention_eval_mode_and_exceptions_leave_no_interception():
 
 def test_attention_blocks_can_be_skipped_one_by_one():
     model = nn.Sequential(nn.MultiheadAttention(E, HEADS))
-    handle = _attach_quietly(model, lg.KFAC(model.parameters()))
+    handle = _attach_quietly(model, KFAC_K(model.parameters()))
     assert set(handle.blocks) == {"0", "0.out_proj"}
     model = nn.Sequential(nn.MultiheadAttention(E, HEADS))
-    opt = lg.KFAC(model.parameters())
+    opt = KFAC_K(model.parameters())
     with pytest.warns(UserWarning, match=r"'0.out_proj' \(NonDynamicallyQuantizableLinear\)"):
         handle = lg.attach(model, opt, skip_modules=["0.out_proj"])
     assert set(handle.blocks) == {"0"}
     model = nn.Sequential(nn.MultiheadAttention(E, HEADS))
-    handle = _attach_quietly(model, lg.KFAC(model.parameters()), skip_modules=["0"])
+    handle = _attach_quietly(model, KFAC_K(model.parameters()), skip_modules=["0"])
     assert not handle.blocks  # the attention's out_proj goes with it
 
 
@@ -294,7 +300,7 @@ def test_embedding_padding_row_is_left_untouched(inverse):
 
 def test_embedding_refused_configurations_fall_back_with_reasons():
     model = nn.Sequential(nn.Embedding(5, 3, max_norm=1.0), nn.Embedding(5, 3, sparse=True))
-    opt = lg.KFAC(model.parameters())
+    opt = KFAC_K(model.parameters())
     with pytest.warns(UserWarning) as record:
         handle = lg.attach(model, opt)
     text = " ".join(str(w.message) for w in record)
@@ -318,7 +324,7 @@ def test_tied_embedding_and_head_get_the_fallback():
     model = TinyLM(layers=1)
     model.head = nn.Linear(16, 11, bias=False)
     model.head.weight = model.tok.weight
-    opt = lg.KFAC(model.parameters(), curvature_every=1)
+    opt = KFAC_K(model.parameters(), curvature_every=1)
     with pytest.warns(UserWarning, match=r"tied weights: 'tok.weight' and 'head.weight'"):
         handle = lg.attach(model, opt)
     assert "tok" not in handle.blocks and "head" not in handle.blocks
@@ -349,7 +355,7 @@ def test_embedding_weight_used_by_a_functional_head_gets_the_fallback():
 
     torch.manual_seed(0)
     model = FunctionalTie()
-    opt = lg.KFAC(model.parameters(), curvature_every=1)
+    opt = KFAC_K(model.parameters(), curvature_every=1)
     handle = lg.attach(model, opt)
     assert "tok" in handle.blocks  # attach cannot see the functional use
     ids = torch.randint(0, 6, (4, 5))  # tokens 6..10 never occur as inputs
@@ -448,14 +454,14 @@ def test_registration_overrides_built_ins_and_subclasses_inherit():
 
     try:
         model = nn.Sequential(MyLinear(2, 2), nn.Linear(2, 2))
-        opt = lg.KFAC(model.parameters())
+        opt = KFAC_K(model.parameters())
         with pytest.warns(UserWarning):
             handle = lg.attach(model, opt)
         assert seen == ["0", "1"] and not handle.blocks
     finally:
         lg.unregister_block(nn.Linear)
     model = nn.Sequential(MyLinear(2, 2))
-    assert set(lg.attach(model, lg.KFAC(model.parameters())).blocks) == {"0"}
+    assert set(lg.attach(model, KFAC_K(model.parameters())).blocks) == {"0"}
     with pytest.raises(TypeError):
         lg.register_block(int, lambda *a: None)  # type: ignore[arg-type]
 
@@ -468,7 +474,7 @@ def test_statistics_reduction_carries_a_diagonal_input_factor(tmp_path):
 
     assert block_cost(1, 1000, 4, diagonal_in=True) == 1000 + 64
     model = nn.Sequential(nn.Embedding(VOCAB, DIM), nn.Linear(DIM, 3))
-    opt = lg.KFAC(model.parameters(), curvature_every=1)
+    opt = KFAC_K(model.parameters(), curvature_every=1)
     lg.attach(model, opt)
     model(torch.tensor([[1, 2, 2], [0, 5, 1]])).pow(2).mean().backward()
     capture = opt._capture

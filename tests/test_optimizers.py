@@ -16,12 +16,15 @@ from torch import nn
 
 import lightning_grng as lg
 
+KMODE = dict(preconditioner="kfac")  # the paper's route
 OPTIMIZERS = {
     "KFAC": lambda p, **kw: lg.KFAC(p, **kw),
-    "KFAC-newton": lambda p, **kw: lg.KFAC(p, inverse="newton", **kw),
+    "KFAC-kfac": lambda p, **kw: lg.KFAC(p, **KMODE, **kw),
+    "KFAC-newton": lambda p, **kw: lg.KFAC(p, inverse="newton", **KMODE, **kw),
     "RING": lambda p, **kw: lg.RING(p, **kw),
-    "RING-newton": lambda p, **kw: lg.RING(p, inverse="newton", **kw),
+    "RING-newton": lambda p, **kw: lg.RING(p, **KMODE, **kw),
     "RENG": lambda p, **kw: lg.RENG(p, **kw),
+    "RENG-kfac": lambda p, **kw: lg.RENG(p, **KMODE, **kw),
     "RENG-fd": lambda p, **kw: lg.RENG(p, gr_mode="finite_difference", **kw),
 }
 
@@ -351,7 +354,8 @@ def test_param_groups_scheduler_and_clipping():
         warnings.simplefilter("ignore")
         opt = lg.RING([{"params": body}, {"params": head, "lr": 0.01, "rho": 0.0}], lr=0.05)
         lg.attach(model, opt)
-    assert opt.param_groups[1]["rho"] == 0.0 and opt.param_groups[0]["rho"] == 10.0
+    # rho: the eigen mode's default
+    assert opt.param_groups[1]["rho"] == 0.0 and opt.param_groups[0]["rho"] == 0.1
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     for i in range(4):
         opt.zero_grad()

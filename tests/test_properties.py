@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -17,6 +18,11 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 import lightning_grng as lg
+
+# The paper's K-FAC route: these tests check its math (the eigen mode: test_eigen.py).
+KFAC_K = partial(lg.KFAC, preconditioner="kfac")
+RING_K = partial(lg.RING, preconditioner="kfac")
+RENG_K = partial(lg.RENG, preconditioner="kfac")
 
 # Absolute damping: the dense references take γ itself (relative mode: tests/test_scale.py).
 EXACT = dict(
@@ -34,9 +40,9 @@ def _step(opt, model, x, y, create_graph=False):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda p: lg.KFAC(p, damping=0.3, inverse="eigh", **EXACT),
-        lambda p: lg.RING(p, damping=0.3, rho=0.0, inverse="eigh", **EXACT),
-        lambda p: lg.RENG(p, damping=0.3, rho=0.0, inverse="eigh", **EXACT),
+        lambda p: KFAC_K(p, damping=0.3, inverse="eigh", **EXACT),
+        lambda p: RING_K(p, damping=0.3, rho=0.0, inverse="eigh", **EXACT),
+        lambda p: RENG_K(p, damping=0.3, rho=0.0, inverse="eigh", **EXACT),
     ],
     ids=["KFAC", "RING(rho=0)", "RENG(rho=0)"],
 )
@@ -70,7 +76,7 @@ def test_newton_route_equals_dense_factored_damping():
     """Property 1, Newton route: (A + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹ applied to g."""
     lam = 0.05
     model = mlp()
-    opt = lg.KFAC(model.parameters(), damping=lam, inverse="newton", newton_iters=60, **EXACT)
+    opt = KFAC_K(model.parameters(), damping=lam, inverse="newton", newton_iters=60, **EXACT)
     lg.attach(model, opt)
     x, y = classification_batch()
     _, refs = sequential_reference(model, x, y)
@@ -90,7 +96,7 @@ def test_ring_equals_dense_adaptive_damping(rho):
     """Property 2: U = (A⊗G + (λ + ρ‖g‖²) I)⁻¹ g with ‖g‖ the global gradient norm."""
     lam = 0.1
     model = mlp()
-    opt = lg.RING(model.parameters(), damping=lam, rho=rho, inverse="eigh", **EXACT)
+    opt = RING_K(model.parameters(), damping=lam, rho=rho, inverse="eigh", **EXACT)
     lg.attach(model, opt)
     x, y = classification_batch()
     _, refs = sequential_reference(model, x, y)
@@ -123,7 +129,7 @@ def test_reng_step_equals_dense_preconditioned_regularized_gradient(gr_mode, tol
     """Property 3 (with 1): RENG's step is (A⊗G + λI)⁻¹ (g + ρHg), Hg from torch.func."""
     lam, rho = 0.2, 0.7
     model = mlp()
-    opt = lg.RENG(model.parameters(), damping=lam, rho=rho, gr_mode=gr_mode, fd_eps=1e-7, **EXACT)
+    opt = RENG_K(model.parameters(), damping=lam, rho=rho, gr_mode=gr_mode, fd_eps=1e-7, **EXACT)
     x, y = classification_batch()
     _, refs = sequential_reference(model, x, y)
     reg = _reference_regularized_gradient(model, x, y, rho)  # before attach: no hooks fire
@@ -154,7 +160,7 @@ def test_regularized_gradient_matches_finite_difference_of_half_grad_norm():
     directions (error O(ε²))."""
     rho = 0.3
     model = mlp()
-    opt = lg.RENG(model.parameters(), rho=rho)
+    opt = RENG_K(model.parameters(), rho=rho)
     lg.attach(model, opt)
     x, y = classification_batch()
     opt.zero_grad()
@@ -210,7 +216,7 @@ def test_regularized_backward_equals_create_graph_path():
     finals = []
     for use_helper in (False, True):
         model = mlp()
-        opt = lg.RENG(model.parameters(), rho=0.5, **EXACT)
+        opt = RENG_K(model.parameters(), rho=0.5, **EXACT)
         lg.attach(model, opt)
         for _ in range(3):
             opt.zero_grad()

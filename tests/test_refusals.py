@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import pickle
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -14,6 +15,11 @@ import torch
 from torch import nn
 
 import lightning_grng as lg
+
+# The paper's K-FAC route: these tests check its math (the eigen mode: test_eigen.py).
+KFAC_K = partial(lg.KFAC, preconditioner="kfac")
+RING_K = partial(lg.RING, preconditioner="kfac")
+RENG_K = partial(lg.RENG, preconditioner="kfac")
 
 CLASSES = [lg.KFAC, lg.RING, lg.RENG, lg.RKalman]
 
@@ -64,7 +70,7 @@ def test_param_group_values_are_checked_like_the_constructors(cls, bad, message)
 
 def test_numpy_and_torch_scalars_are_numbers():
     model = _mlp()
-    opt = lg.RING(
+    opt = RING_K(
         model.parameters(),
         lr=np.float32(0.05),
         momentum=torch.tensor(0.5),
@@ -144,13 +150,13 @@ def test_refused_curvature_at_attach_restores_the_state_before_the_load():
     """Momentum buffers of the right shape, curvature of another model: refused at attach,
     and the optimizer's state is the one from before load_state_dict."""
     source = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    opt_source = lg.KFAC(source.parameters(), curvature_every=1)
+    opt_source = KFAC_K(source.parameters(), curvature_every=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # '2' skipped: fallback
         lg.attach(source, opt_source, skip_modules=["2"])
         _train_step(source, opt_source)
     model = _mlp()
-    opt = lg.KFAC(model.parameters(), curvature_every=1)
+    opt = KFAC_K(model.parameters(), curvature_every=1)
     before = _state(opt)
     opt.load_state_dict(opt_source.state_dict())
     with pytest.raises(ValueError, match="belongs to a different model"):
@@ -162,7 +168,7 @@ def test_refused_curvature_at_attach_restores_the_state_before_the_load():
 # ---------------------------------------------------------------- 8: one clear sentence
 def test_lazy_layer_before_its_first_forward_is_named():
     model = nn.Sequential(nn.LazyLinear(6), nn.ReLU(), nn.Linear(6, 2))
-    opt = lg.RING(model.parameters())
+    opt = RING_K(model.parameters())
     with pytest.raises(RuntimeError, match=r"module '0' \(LazyLinear\) is not initialized"):
         lg.attach(model, opt)
     assert not opt.attached
@@ -173,7 +179,7 @@ def test_lazy_layer_before_its_first_forward_is_named():
 
 def test_training_in_eval_mode_is_named_as_such():
     model = _mlp()
-    opt = lg.KFAC(model.parameters(), curvature_every=1)
+    opt = KFAC_K(model.parameters(), curvature_every=1)
     lg.attach(model, opt)
     model.eval()
     with pytest.warns(RuntimeWarning, match="ran in eval mode") as record:
@@ -184,7 +190,7 @@ def test_training_in_eval_mode_is_named_as_such():
 @pytest.mark.parametrize("copier", [copy.deepcopy, copy.copy, pickle.dumps])
 def test_copying_or_pickling_the_optimizer_says_what_to_do(copier):
     model = _mlp()
-    opt = lg.RING(model.parameters())
+    opt = RING_K(model.parameters())
     lg.attach(model, opt)
     with pytest.raises(TypeError, match=r"cannot be copied or pickled.*state_dict\(\)"):
         copier(opt)
@@ -193,7 +199,7 @@ def test_copying_or_pickling_the_optimizer_says_what_to_do(copier):
 # ---------------------------------------------------------------- 9: quiet corners
 def test_rejected_statistics_are_counted_visibly_and_said_once():
     model = nn.Linear(3, 2)
-    opt = lg.KFAC(model.parameters(), curvature_every=1, kl_clip=1e-6)
+    opt = KFAC_K(model.parameters(), curvature_every=1, kl_clip=1e-6)
     lg.attach(model, opt)
     x = torch.randn(8, 3)
     x[0, 0] = 1e20  # ā āᵀ overflows float32; the gradient stays finite
@@ -216,7 +222,7 @@ def test_rejected_statistics_are_counted_visibly_and_said_once():
 def test_layer_unfrozen_after_attach_is_named():
     model = _mlp()
     model[0].weight.requires_grad_(False)
-    opt = lg.KFAC(model.parameters(), curvature_every=1)
+    opt = KFAC_K(model.parameters(), curvature_every=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # model[0].bias: fallback, said at attach
         handle = lg.attach(model, opt)
@@ -231,7 +237,7 @@ def test_layer_unfrozen_after_attach_is_named():
 
 def test_attaching_twice_gives_handles_that_do_not_detach_each_other():
     model = _mlp()
-    opt = lg.KFAC(model.parameters())
+    opt = KFAC_K(model.parameters())
     first, second = lg.attach(model, opt), lg.attach(model, opt)
     first.remove()
     first.remove()  # idempotent: does not release the second handle
@@ -248,7 +254,7 @@ def test_two_grng_optimizers_over_one_parameter_are_refused(shared):
         first_params, second_params = model.parameters(), model.parameters()
     else:  # the first has no block at all (LayerNorm only): its marker still names it
         first_params, second_params = model[1].parameters(), model.parameters()
-    first, second = lg.KFAC(first_params), lg.RING(second_params)
+    first, second = KFAC_K(first_params), RING_K(second_params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lg.attach(model, first)

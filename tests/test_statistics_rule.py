@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import copy
 import pickle
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
 
 import lightning_grng as lg
+
+# The paper's K-FAC route: these tests check its math (the eigen mode: test_eigen.py).
+KFAC_K = partial(lg.KFAC, preconditioner="kfac")
+RING_K = partial(lg.RING, preconditioner="kfac")
+RENG_K = partial(lg.RENG, preconditioner="kfac")
 
 
 def _disc():
@@ -23,7 +29,7 @@ def _disc():
 
 def _kfac(params):
     # ema_decay=0: the factors after a step are exactly that step's statistics.
-    return lg.KFAC(params, lr=0.1, ema_decay=0.0, curvature_every=1, inverse_every=1)
+    return KFAC_K(params, lr=0.1, ema_decay=0.0, curvature_every=1, inverse_every=1)
 
 
 def _data():
@@ -154,7 +160,7 @@ def test_tied_weight_is_named_once_and_gets_the_fallback_update():
 
     torch.manual_seed(0)
     model = TiedLM()
-    opt = lg.KFAC(
+    opt = KFAC_K(
         model.parameters(), lr=0.1, momentum=0.0, kl_clip=None, curvature_every=1, fallback="sgd"
     )
     with pytest.warns(UserWarning) as record:

@@ -4,6 +4,7 @@ steps that absorb statistics or refresh inverses (counted, not timed)."""
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -12,16 +13,21 @@ from torch import nn
 import lightning_grng as lg
 from lightning_grng.diagnostics import SyncCounter, count_syncs
 
+# The paper's K-FAC route: these tests check its math (the eigen mode: test_eigen.py).
+KFAC_K = partial(lg.KFAC, preconditioner="kfac")
+RING_K = partial(lg.RING, preconditioner="kfac")
+RENG_K = partial(lg.RENG, preconditioner="kfac")
+
 SCHEDULE = dict(curvature_every=2)
 OPTIMIZERS = {
-    "KFAC-eigh": lambda p: lg.KFAC(p, inverse="eigh", inverse_every=3, **SCHEDULE),
-    "KFAC-newton": lambda p: lg.KFAC(p, inverse="newton", inverse_every=3, **SCHEDULE),
-    "RING-eigh": lambda p: lg.RING(p, inverse="eigh", inverse_every=3, **SCHEDULE),
-    "RING-newton": lambda p: lg.RING(p, inverse="newton", inverse_every=3, **SCHEDULE),
-    "RENG": lambda p: lg.RENG(p, inverse_every=3, **SCHEDULE),
-    "KFAC-eigen": lambda p: lg.KFAC(p, preconditioner="eigen", inverse_every=3, **SCHEDULE),
-    "RING-eigen": lambda p: lg.RING(p, preconditioner="eigen", inverse_every=3, **SCHEDULE),
-    "RENG-newton": lambda p: lg.RENG(p, inverse="newton", inverse_every=3, **SCHEDULE),
+    "KFAC-eigh": lambda p: KFAC_K(p, inverse="eigh", inverse_every=3, **SCHEDULE),
+    "KFAC-newton": lambda p: KFAC_K(p, inverse="newton", inverse_every=3, **SCHEDULE),
+    "RING-eigh": lambda p: RING_K(p, inverse="eigh", inverse_every=3, **SCHEDULE),
+    "RING-newton": lambda p: RING_K(p, inverse="newton", inverse_every=3, **SCHEDULE),
+    "RENG": lambda p: RENG_K(p, inverse_every=3, **SCHEDULE),
+    "KFAC-eigen": lambda p: lg.KFAC(p, inverse_every=3, **SCHEDULE),
+    "RING-eigen": lambda p: lg.RING(p, inverse_every=3, **SCHEDULE),
+    "RENG-newton": lambda p: RENG_K(p, inverse="newton", inverse_every=3, **SCHEDULE),
     "RKalman": lambda p: lg.RKalman(p, **SCHEDULE),
     "RKalman-noise": lambda p: lg.RKalman(p, rho_mode="noise", measurement="rows", **SCHEDULE),
 }
@@ -79,7 +85,7 @@ def test_reng_regularized_backward_keeps_the_budget():
 def test_failure_steps_keep_the_budget():
     """A skipped step (non-finite gradient) and a failed refresh also read back once."""
     model = _models()["mlp"]
-    opt = lg.KFAC(model.parameters(), curvature_every=1, inverse_every=1)
+    opt = KFAC_K(model.parameters(), curvature_every=1, inverse_every=1)
     lg.attach(model, opt)
     x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
     nn.functional.cross_entropy(model(x), y).backward()

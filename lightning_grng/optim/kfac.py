@@ -46,7 +46,13 @@ MODE_DEFAULTS: dict[Preconditioner, dict[str, float]] = {
 
 
 class KFAC(GRNGOptimizer):
-    """Kronecker-factored natural gradient: ``U = (A ⊗ G + λI)⁻¹ g`` per layer.
+    """Kronecker-factored natural gradient per layer, in one of two modes:
+
+    * ``preconditioner="eigen"`` (default): ``U = Q (D + γ)^(−½) Qᵀ g`` with Q the eigenbasis
+      of the Kronecker factors A and G and D a running second moment of the rotated gradient
+      (eigenvalue-corrected; ``docs/algorithms.md`` §8). ``lr`` has Adam's units.
+    * ``preconditioner="kfac"``: the paper's ``U = (A ⊗ G + γI)⁻¹ g`` (eigh or warm-started
+      Newton–Schulz), with the KL-clip setting the step length.
 
     ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding`` and ``nn.MultiheadAttention``
     layers (and registered types, :func:`lightning_grng.register_block`) get a Kronecker block;
@@ -56,7 +62,8 @@ class KFAC(GRNGOptimizer):
     Args:
         params: parameters or parameter groups.
         lr: learning rate.
-        momentum: heavy-ball momentum on the preconditioned update, in [0, 1).
+        momentum: momentum on the preconditioned update, in [0, 1): heavy ball in ``"kfac"``
+            mode, an EMA (``m ← μm + (1 − μ)U``) in ``"eigen"`` mode.
         weight_decay: decoupled weight decay (``θ ← θ·(1 − lr·wd)``), >= 0.
         damping: Tikhonov damping λ > 0 added to the curvature, in the units of
             ``damping_mode``; None (default): 100 for ``preconditioner="kfac"``, 1e-4 for
@@ -78,10 +85,11 @@ class KFAC(GRNGOptimizer):
         fallback: update of parameters without a Kronecker block: ``"adam"`` (default) or
             ``"sgd"`` (the raw gradient through momentum and the KL-clip).
         fallback_lr: the Adam fallback's learning rate as a multiple of the group's ``lr``
-            (so it follows the same schedule).
-        preconditioner: ``"kfac"`` (``(A ⊗ G + γI)⁻¹``, the paper's route) or ``"eigen"`` (the
-            eigenbasis of A and G with a running second moment of the rotated gradient in place
-            of the eigenvalue products; ``docs/algorithms.md`` §8).
+            (so it follows the same schedule); None (default): 1 in ``"eigen"`` mode, 0.1 in
+            ``"kfac"`` mode.
+        preconditioner: ``"eigen"`` (default: the eigenbasis of A and G with a running second
+            moment of the rotated gradient in place of the eigenvalue products;
+            ``docs/algorithms.md`` §8) or ``"kfac"`` (``(A ⊗ G + γI)⁻¹``, the paper's route).
         beta2: ``"eigen"`` mode: decay of the second moment, in [0, 1).
         power: ``"eigen"`` mode: the step is ``(D + γ)^(−power)`` in the eigenbasis, in (0, 1]
             (½: Adam's scaling; 1: the natural gradient's).
@@ -108,7 +116,7 @@ class KFAC(GRNGOptimizer):
         loss_reduction: str = "mean",
         fallback: str = "adam",
         fallback_lr: float | None = None,
-        preconditioner: str = "kfac",
+        preconditioner: str = "eigen",
         beta2: float = 0.95,
         power: float = 0.5,
     ) -> None:

@@ -21,10 +21,13 @@ class GRMode(str, Enum):
 
 
 class RENG(KFAC):
-    """Regularized Explicit Natural Gradient: ``U = (A ⊗ G + λI)⁻¹ ∇ℓ_G``.
+    """Regularized Explicit Natural Gradient: the Kronecker preconditioner applied to ``∇ℓ_G``.
 
-    ``∇ℓ_G = g + ρ·H g`` is the gradient of ``ℓ + ρ/2‖∇ℓ‖²``. The curvature statistics come
-    from the plain loss's backward only.
+    ``∇ℓ_G = g + ρ·H g`` is the gradient of ``ℓ + ρ/2‖∇ℓ‖²``; it enters the default
+    ``preconditioner="eigen"`` stage (``Q (D + γ)^(−½) Qᵀ ∇ℓ_G``, D the second moment of the
+    rotated regularized gradient) or the paper's ``(A ⊗ G + λI)⁻¹ ∇ℓ_G``
+    (``preconditioner="kfac"``). The curvature statistics come from the plain loss's backward
+    only.
 
     * ``gr_mode="double_backprop"`` (default): exact ``Hg`` by differentiating ½‖g‖². In plain
       PyTorch call ``loss.backward(create_graph=True)`` before ``step()`` (or
@@ -37,21 +40,27 @@ class RENG(KFAC):
     Args:
         params: parameters or parameter groups.
         lr: learning rate.
-        momentum: heavy-ball momentum on the preconditioned update, in [0, 1).
+        momentum: momentum on the preconditioned update, in [0, 1) (an EMA in ``"eigen"``
+            mode, heavy ball in ``"kfac"`` mode).
         weight_decay: decoupled weight decay, >= 0.
-        damping: Tikhonov damping λ > 0, in the units of ``damping_mode``.
+        damping: Tikhonov damping λ > 0, in the units of ``damping_mode``; None: the mode's
+            default (1e-4 ``"eigen"``, 100 ``"kfac"``, relative units).
         damping_mode: ``"relative"`` (default) or ``"absolute"``; see :class:`~lightning_grng.KFAC`.
         rho: gradient-regularization strength ρ >= 0.
         ema_decay: decay of the factor moving averages, in [0, 1).
         curvature_every: refresh the factor statistics every this many steps.
         inverse_every: refresh the inverse representation every this many steps.
-        inverse: ``"eigh"`` or ``"newton"``.
+        inverse: ``"eigh"`` (None: default) or ``"newton"`` (``"kfac"`` mode only).
         newton_iters: maximum Newton–Schulz iterations per refresh.
         kl_clip: bound on the step's predicted KL change; None disables it.
         fisher: ``"empirical"`` or ``"mc"``.
         loss_reduction: ``"mean"`` or ``"sum"``.
         fallback: ``"adam"`` (default) or ``"sgd"``: the update of parameters without a block.
-        fallback_lr: the Adam fallback's lr as a multiple of the group's ``lr``.
+        fallback_lr: the Adam fallback's lr as a multiple of the group's ``lr``; None: the
+            mode's default (1 for ``"eigen"``, 0.1 for ``"kfac"``).
+        preconditioner: ``"eigen"`` (default) or ``"kfac"``; see :class:`~lightning_grng.KFAC`.
+        beta2: ``"eigen"`` mode: decay of the second moment, in [0, 1).
+        power: ``"eigen"`` mode: the step is ``(D + γ + C_GR)^(−power)`` in the eigenbasis.
         gr_mode: ``"double_backprop"`` or ``"finite_difference"``.
         fd_eps: finite-difference step length ``ε‖g‖`` (> 0).
     """
@@ -82,7 +91,7 @@ class RENG(KFAC):
         fallback_lr: float | None = None,
         gr_mode: str = "double_backprop",
         fd_eps: float = 1e-3,
-        preconditioner: str = "kfac",
+        preconditioner: str = "eigen",
         beta2: float = 0.95,
         power: float = 0.5,
     ) -> None:

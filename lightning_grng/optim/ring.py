@@ -18,37 +18,51 @@ MODE_RHO = {Preconditioner.KFAC: 10.0, Preconditioner.EIGEN: 0.1}
 
 
 class RING(KFAC):
-    """Regularized Implicit Natural Gradient: ``U = (A ⊗ G + (λ + ρ‖g‖²) I)⁻¹ g``.
+    """Regularized Implicit Natural Gradient: gradient regularization as adaptive damping.
+
+    In the default ``preconditioner="eigen"`` mode ``U = Q (D + γ + ρ R∘R)^(−½) Qᵀ g``: the GR
+    curvature ``ρ g gᵀ`` projected on the diagonal of the Kronecker eigenbasis (R = Qᵀ g, the
+    rotated gradient), like the Fisher itself (``docs/algorithms.md`` §8.3); ρ is dimensionless
+    there. In ``preconditioner="kfac"`` mode, the paper's ``U = (A ⊗ G + (λ + ρ‖g‖²) I)⁻¹ g``:
 
     Gradient regularization ``ℓ + ρ/2‖∇ℓ‖²`` enters the quadratic model as extra curvature
     ``ρ ggᵀ`` (the squared directional derivative along the step), majorized by ``ρ‖g‖² I`` so
     the Kronecker structure survives. The result is damping that is large where gradients are
     large (a conservative, SGD-like step) and vanishes near flat minima (pure natural gradient).
     ‖g‖ is the global gradient norm over all parameters of the optimizer. One backward pass per
-    step; ``RING(rho=0, inverse="eigh")`` is exactly :class:`KFAC` with its defaults.
+    step. ``RING(rho=0)`` is exactly :class:`KFAC` in the eigen mode, and
+    ``RING(rho=0, inverse="eigh", preconditioner="kfac")`` is ``KFAC(preconditioner="kfac")``.
 
     Args:
         params: parameters or parameter groups.
         lr: learning rate.
-        momentum: heavy-ball momentum on the preconditioned update, in [0, 1).
+        momentum: momentum on the preconditioned update, in [0, 1) (an EMA in ``"eigen"``
+            mode, heavy ball in ``"kfac"`` mode).
         weight_decay: decoupled weight decay, >= 0.
-        damping: base Tikhonov damping λ > 0, in the units of ``damping_mode``.
+        damping: base Tikhonov damping λ > 0, in the units of ``damping_mode``; None: the
+            mode's default (1e-4 ``"eigen"``, 100 ``"kfac"``, relative units).
         damping_mode: ``"relative"`` (default, γ in units of each block's mean eigenvalue of
             A ⊗ G) or ``"absolute"``; see :class:`~lightning_grng.KFAC`.
-        rho: gradient-regularization strength ρ >= 0.
+        rho: gradient-regularization strength ρ >= 0; None: the mode's default (0.1 in
+            ``"eigen"`` mode, dimensionless; 10 in ``"kfac"`` mode, relative units).
         ema_decay: decay of the factor moving averages, in [0, 1).
         curvature_every: refresh the factor statistics every this many steps.
         inverse_every: refresh the inverse representation every this many steps.
-        inverse: ``"newton"`` (default: warm-started Newton–Schulz inverses of factored-damped
-            factors; the adaptive damping is refreshed with them every ``inverse_every`` steps)
-            or ``"eigh"`` (exact adaptive damping every step). Newton measured better on
-            Fashion-MNIST (``docs/defaults.md``).
+        inverse: None: ``"eigh"`` in ``"eigen"`` mode (the only route there), ``"newton"`` in
+            ``"kfac"`` mode: warm-started Newton–Schulz inverses of factored-damped factors, the
+            adaptive damping refreshed with them every ``inverse_every`` steps; ``"eigh"`` there
+            applies the exact adaptive damping every step. Newton measured better on
+            Fashion-MNIST in ``"kfac"`` mode (``docs/defaults.md``).
         newton_iters: maximum Newton–Schulz iterations per refresh.
         kl_clip: bound on the step's predicted KL change; None disables it.
         fisher: ``"empirical"`` or ``"mc"``.
         loss_reduction: ``"mean"`` or ``"sum"``.
         fallback: ``"adam"`` (default) or ``"sgd"``: the update of parameters without a block.
-        fallback_lr: the Adam fallback's lr as a multiple of the group's ``lr``.
+        fallback_lr: the Adam fallback's lr as a multiple of the group's ``lr``; None: the
+            mode's default (1 for ``"eigen"``, 0.1 for ``"kfac"``).
+        preconditioner: ``"eigen"`` (default) or ``"kfac"``; see :class:`~lightning_grng.KFAC`.
+        beta2: ``"eigen"`` mode: decay of the second moment, in [0, 1).
+        power: ``"eigen"`` mode: the step is ``(D + γ + C_GR)^(−power)`` in the eigenbasis.
     """
 
     group_ranges: ClassVar[dict[str, tuple[float, float | None, bool, bool]]] = {
@@ -76,7 +90,7 @@ class RING(KFAC):
         loss_reduction: str = "mean",
         fallback: str = "adam",
         fallback_lr: float | None = None,
-        preconditioner: str = "kfac",
+        preconditioner: str = "eigen",
         beta2: float = 0.95,
         power: float = 0.5,
     ) -> None:
