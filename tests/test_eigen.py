@@ -35,7 +35,7 @@ def _batches(steps: int, n: int = 8, seed: int = 11) -> list[tuple[Tensor, Tenso
     ]
 
 
-def _train(opt_factory, model: nn.Module, batches, scale: float = 1.0, record=None):
+def _train(opt_factory, model: nn.Module, batches, scale: float = 1.0):
     opt = opt_factory(model.parameters())
     lg.attach(model, opt)
     for x, y in batches:
@@ -45,13 +45,7 @@ def _train(opt_factory, model: nn.Module, batches, scale: float = 1.0, record=No
             lg.regularized_backward(loss, opt)
         else:
             loss.backward()
-        if record is not None:
-            lin = model[0]
-            record.append(torch.cat([lin.weight.grad, lin.bias.grad[:, None]], 1).clone())
         opt.step()
-        if record is not None and len(record) == 1:
-            f = opt.factors("0")
-            record.insert(0, (f.A.clone()[0], f.G.clone()[0]))  # the basis of every step below
     return opt
 
 
@@ -91,11 +85,7 @@ def test_eigen_step_matches_dense_kronecker_reference(name, power):
     record: list = []
     batches = _batches(5)
     before = [_weights(model)]
-
-    def factory(p):
-        return getattr(lg, name)(p, **kw)
-
-    opt = factory(model.parameters())
+    opt = getattr(lg, name)(model.parameters(), **kw)
     lg.attach(model, opt)
     for x, y in batches:
         opt.zero_grad()

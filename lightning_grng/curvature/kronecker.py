@@ -260,17 +260,13 @@ class KroneckerFactors:
         """
         dtype = V.dtype
         if self.eval_A is not None:
-            QA, QG = self.evec_A, self.evec_G
-            assert QG is not None and self.eval_G is not None
-            rotated = QG.transpose(-1, -2) @ V.to(QG.dtype)
-            if QA is not None:  # a diagonal A is its own eigenbasis
-                rotated = rotated @ QA
+            assert self.eval_G is not None
+            rotated = self.to_eigenbasis(V)
             gamma = torch.as_tensor(damping, dtype=rotated.dtype, device=rotated.device)
             if gamma.dim() == 1:
                 gamma = gamma[:, None, None]
             rotated = rotated / (self.eval_G[..., :, None] * self.eval_A[..., None, :] + gamma)
-            out = QG @ rotated
-            return (out if QA is None else out @ QA.transpose(-1, -2)).to(dtype)
+            return self.from_eigenbasis(rotated, dtype)
         assert self.inv_A is not None and self.inv_G is not None
         Vw = V.to(self.inv_G.dtype)
         if self.inv_A.dim() == 2:  # diagonal A: its inverse is a vector
@@ -278,7 +274,8 @@ class KroneckerFactors:
         return (self.inv_G @ Vw @ self.inv_A).to(dtype)
 
     def to_eigenbasis(self, V: Tensor) -> Tensor:
-        """``Q_Gᵀ V Q_A`` in the working dtype (eigh route only)."""
+        """``Q_Gᵀ V Q_A`` in the working dtype (eigh route only; a diagonal A is its own
+        eigenbasis, ``Q_A = I``)."""
         assert self.evec_G is not None
         rotated = self.evec_G.transpose(-1, -2) @ V.to(self.evec_G.dtype)
         return rotated if self.evec_A is None else rotated @ self.evec_A
