@@ -33,7 +33,7 @@ from torch import nn
 import lightning_grng as lg
 from benchmarks import defaults_sweep
 from lightning_grng.curvature.inverse import symmetrize
-from lightning_grng.curvature.kalman import (
+from lightning_grng.curvature.kalman_identities import (
     add_floor,
     floor_terms,
     sherman_morrison_update,

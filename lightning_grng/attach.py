@@ -75,17 +75,17 @@ class CurvatureHandle:
         self.blocks = {block.name: block for block in blocks.values()}
         self.unsupported = unsupported
         self.coverage = coverage
-        optimizer._live_handles.append(self)
+        optimizer.add_handle(self)
 
     @property
     def attached(self) -> bool:
         """Whether this handle still holds the hooks (not removed, optimizer not detached)."""
-        return self in self.optimizer._live_handles
+        return self in self.optimizer.handles
 
     def remove(self) -> None:
         """Releases this handle; the hooks go with the last handle of the attachment. The
         optimizer keeps its curvature state (re-attaching resumes)."""
-        self.optimizer._release(self)
+        self.optimizer.release(self)
 
 
 def _refuse_lazy(model: nn.Module, optimizer: GRNGOptimizer) -> None:
@@ -175,8 +175,8 @@ def attach(
             f"{type(optimizer).__name__}."
         )
     if optimizer.attached:
-        if optimizer._model is model:
-            coverage = optimizer._live_handles[0].coverage
+        if optimizer.model is model:
+            coverage = optimizer.handles[0].coverage
             return CurvatureHandle(optimizer, optimizer.blocks, [], coverage)
         raise RuntimeError(
             f"{type(optimizer).__name__} is already attached to another model; call "
@@ -218,7 +218,7 @@ def attach(
             if not weight.requires_grad:
                 frozen[weight] = block.name
                 continue
-            refusal = optimizer._refuses_block(block)
+            refusal = optimizer.refusal(block)
             if refusal is not None:
                 reasons.setdefault(name, []).append(refusal)
                 continue
@@ -230,7 +230,7 @@ def attach(
             blocks[str(index[weight])] = block
             covered.update(block.params())
 
-    fallback_update = optimizer._fallback_text
+    fallback_update = optimizer.fallback_description
     if tied:
         warnings.warn(
             f"{type(optimizer).__name__}: tied weights: {'; '.join(tied)} are one parameter; "
@@ -273,8 +273,11 @@ def attach(
             UserWarning,
             stacklevel=2,
         )
-    optimizer._attach(model, blocks, frozen)
-    optimizer._gate.grad_scaler = grad_scaler
+    optimizer.attach_hooks(model, blocks, frozen, grad_scaler)
+    if getattr(optimizer, "gr_mode", None) == "double_backprop":  # issue 24: temporary
+        from lightning_grng.curvature.sdpa import use_math_sdpa
+
+        optimizer._capture._handles.append(use_math_sdpa(model))  # removed with the hooks
     if report:
         log.info("%s", coverage)
     return CurvatureHandle(optimizer, blocks, unsupported, coverage)

@@ -6,6 +6,12 @@ A *block factory* is called by :func:`~lightning_grng.attach` as
 :class:`~lightning_grng.curvature.KroneckerBlock`, an
 :class:`~lightning_grng.curvature.Unsupported` (the module gets the fallback update, and the
 reason is said in attach's warning), a list of either (a module with several weights), or None.
+
+A module whose class has no registered type along its MRO is then matched by structure: a
+transposed linear layer (Hugging Face's ``Conv1D``: ``y = x @ W + b`` with ``W`` of shape
+``(in, out)``, see :mod:`lightning_grng.curvature.transposed_linear`) gets its block without any
+registration and without importing transformers. Registering its type (with a factory returning
+None to leave it to the fallback) takes precedence.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ from lightning_grng.curvature.block import KroneckerBlock, Unsupported
 from lightning_grng.curvature.conv import Conv1dBlock, Conv2dBlock
 from lightning_grng.curvature.embedding import EmbeddingBlock
 from lightning_grng.curvature.linear import LinearBlock
+from lightning_grng.curvature.transposed_linear import (
+    is_transposed_linear,
+    transposed_linear_blocks,
+)
 
 #: What a block factory returns (see the module docstring).
 FactoryResult: TypeAlias = (
@@ -30,6 +40,10 @@ BlockFactory: TypeAlias = Callable[[nn.Module, str, Callable[[Tensor | None], bo
 
 _BUILT_IN: dict[type[nn.Module], BlockFactory] = {}
 _USER: dict[type[nn.Module], BlockFactory] = {}
+#: ``(predicate, factory)``: tried in order for a module whose class matched no registered type.
+_STRUCTURAL: list[tuple[Callable[[nn.Module], bool], BlockFactory]] = [
+    (is_transposed_linear, transposed_linear_blocks),  # type: ignore[list-item]
+]
 
 
 def _embedding(module: nn.Module, name: str, trainable: Callable[..., bool]) -> FactoryResult:
@@ -88,12 +102,13 @@ def unregister_block(module_type: type[nn.Module]) -> None:
 
 
 def block_factory_for(module: nn.Module) -> BlockFactory | None:
-    """The factory for ``module``: the most specific registered type of its class wins."""
+    """The factory for ``module``: the most specific registered type of its class wins; a
+    module of no registered type may still match a structural rule (the module docstring)."""
     for cls in type(module).__mro__:
         factory = _USER.get(cls) or _BUILT_IN.get(cls)
         if factory is not None:
             return factory
-    return None
+    return next((factory for matches, factory in _STRUCTURAL if matches(module)), None)
 
 
 def blocks_for(

@@ -100,7 +100,7 @@ def test_factor_dtypes_are_preserved_by_checkpoints():
     torch.save(state, buffer)
     buffer.seek(0)
     opt2 = lg.KFAC(model.parameters(), curvature_every=1)
-    opt._detach()
+    opt.detach_hooks()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lg.attach(model, opt2)

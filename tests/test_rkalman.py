@@ -16,15 +16,15 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import lightning_grng as lg
-from lightning_grng.curvature.kalman import (
-    KalmanAccumulator,
-    KalmanFactors,
+from lightning_grng.curvature.kalman import KalmanFactors
+from lightning_grng.curvature.kalman_identities import (
     add_floor,
     floor_terms,
     predict,
     sherman_morrison_update,
     woodbury_update,
 )
+from lightning_grng.curvature.kalman_measurement import KalmanAccumulator
 
 F64 = torch.float64
 
@@ -451,7 +451,7 @@ def test_filter_dtype_survives_checkpoints_and_bf16_params_filter_in_float32():
     opt = _make(model, curvature_every=1)
     _train(opt, model, x, y, steps=2)
     state = opt.state_dict()
-    opt._detach()
+    opt.detach_hooks()
     opt2 = _make(model, curvature_every=1)
     opt2.load_state_dict(state)
     for key in opt2.blocks:

@@ -12,8 +12,15 @@ from lightning_grng.curvature.capture import (
 from lightning_grng.curvature.conv import Conv1dBlock, Conv2dBlock
 from lightning_grng.curvature.embedding import EmbeddingBlock
 from lightning_grng.curvature.inverse import newton_schulz_inverse, spd_eigh
+from lightning_grng.curvature.kalman import FilterPlan, FloorPlan, KalmanFactors
+from lightning_grng.curvature.kalman_measurement import (
+    KalmanAccumulator,
+    Measurement,
+    MeasurementMethod,
+)
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
 from lightning_grng.curvature.linear import LinearBlock
+from lightning_grng.curvature.transposed_linear import TransposedLinearBlock
 
 __all__ = [
     "CaptureGate",
@@ -22,15 +29,22 @@ __all__ = [
     "CurvatureCapture",
     "EmbeddingBlock",
     "FactorAccumulator",
+    "FilterPlan",
     "FisherType",
+    "FloorPlan",
     "ForwardRecord",
     "InProjBlock",
     "InverseMethod",
+    "KalmanAccumulator",
+    "KalmanFactors",
     "KroneckerBlock",
     "KroneckerFactors",
     "LinearBlock",
     "LossReduction",
+    "Measurement",
+    "MeasurementMethod",
     "OutProjBlock",
+    "TransposedLinearBlock",
     "Unsupported",
     "newton_schulz_inverse",
     "spd_eigh",

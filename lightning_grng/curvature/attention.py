@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from types import FunctionType
 from typing import Any
 
 import torch
@@ -34,30 +33,12 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from lightning_grng import compat
 from lightning_grng.curvature.block import ForwardRecord, KroneckerBlock, Unsupported
 from lightning_grng.curvature.linear import LinearBlock
 
 #: ``weight -> part``: which groups an ``F.linear`` weight feeds (``False``: not this block's).
 _Match = Callable[[Tensor], "slice | bool | None"]
-
-
-def _transparent(fn: FunctionType) -> FunctionType:
-    """A copy of a ``torch.nn.functional`` function that does not hand itself to
-    ``__torch_function__`` overrides, so an active mode sees the operations inside it.
-
-    ``F.multi_head_attention_forward`` first passes itself, as one call, to any active
-    TorchFunctionMode, which then runs it with the mode switched off: the ``F.linear`` calls
-    inside would never reach the mode. The copy shares the original's code and module
-    namespace except that its ``has_torch_function`` check answers False; torch is unchanged.
-    """
-    namespace = dict(fn.__globals__)
-    namespace["has_torch_function"] = lambda *_: False
-    clone = FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
-    clone.__kwdefaults__ = fn.__kwdefaults__
-    return clone
-
-
-_attention_forward = _transparent(F.multi_head_attention_forward)
 
 
 class _LinearInterception(TorchFunctionMode):
@@ -74,7 +55,7 @@ class _LinearInterception(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.multi_head_attention_forward:
             with self:  # the mode is off inside its handler: run the body with it on
-                return _attention_forward(*args, **kwargs)
+                return compat.attention_forward(*args, **kwargs)
         out = func(*args, **kwargs)
         if func is F.linear:
             x = args[0] if args else kwargs["input"]

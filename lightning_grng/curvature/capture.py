@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_grng import compat
 from lightning_grng.curvature.block import KroneckerBlock
 from lightning_grng.curvature.inverse import working_dtype
 
@@ -260,11 +261,6 @@ class _Staged:
         self.fresh: set[str] = set()  # blocks whose weight had no .grad: a new window
 
 
-def _graph_task() -> int:
-    """Id of the running backward (autograd graph task); nested backwards have their own."""
-    return int(torch._C._current_graph_task_id())
-
-
 class CurvatureCapture:
     """Forward, output-gradient and gradient-accumulation hooks on the blocks of one optimizer.
 
@@ -275,6 +271,10 @@ class CurvatureCapture:
         gate: the gate shared with the optimizer.
         owner: the optimizer (named by the hooks, so a second optimizer over the same
             parameters can be refused).
+
+    Raises:
+        RuntimeError: this torch changed a private API the hooks rely on
+            (:func:`lightning_grng.compat.self_test`).
     """
 
     def __init__(
@@ -284,6 +284,10 @@ class CurvatureCapture:
         gate: CaptureGate,
         owner: Any = None,
     ) -> None:
+        # Raises (once per process, in milliseconds) if a private torch API the hooks rely on
+        # changed. Here rather than in register(): the optimizer keeps no capture, so it is
+        # not left looking attached.
+        compat.self_test()
         self.blocks = blocks
         self.accumulators = accumulators
         self.gate = gate
@@ -360,7 +364,7 @@ class CurvatureCapture:
         def hook(grad: Tensor) -> None:
             if pending.committed:
                 return  # a double backward through a graph already counted
-            task = _graph_task()
+            task = compat.current_graph_task_id()
             gate = self.gate
             stale = pending.g_task != task and not pending.g_designated
             if gate.backward_open and (pending.g is None or stale):
@@ -369,8 +373,7 @@ class CurvatureCapture:
             staged = self._staged.get(task)
             if staged is None:
                 staged = self._staged[task] = _Staged()
-                engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
-                engine.queue_callback(lambda: self._end_of_backward(task))
+                compat.queue_end_of_backward(lambda: self._end_of_backward(task))
             waiting = staged.passes.setdefault(key, [])
             if pending not in waiting:
                 waiting.append(pending)
@@ -397,7 +400,7 @@ class CurvatureCapture:
         def hook(param: Tensor) -> None:
             if param is not block.weight:
                 return
-            staged = self._staged.get(_graph_task())
+            staged = self._staged.get(compat.current_graph_task_id())
             if staged is None:
                 return
             waiting = staged.passes.pop(key, None)

@@ -88,6 +88,9 @@ class KroneckerFactors:
         self.unusable: Tensor | None = None
         #: Host flag, from the step's read-back: the next Newton refresh starts cold.
         self.cold_next = False
+        #: The Newton route's damping at its last refresh, γ / mean eigenvalue per group (for
+        #: diagnostics; not checkpointed).
+        self.damping_ratio: Tensor | None = None
 
     @property
     def ready(self) -> bool:
@@ -286,7 +289,7 @@ class KroneckerFactors:
         out = self.evec_G @ R
         return (out if self.evec_A is None else out @ self.evec_A.transpose(-1, -2)).to(dtype)
 
-    def observe_moment(self, R: Tensor, beta2: float) -> Tensor:
+    def update_moment(self, R: Tensor, beta2: float) -> Tensor:
         """Absorbs the rotated gradient ``R`` into the second moment and returns its
         bias-corrected value ``m / (1 − β₂ᵗ)`` (Adam's correction: the EMA starts at 0).
 

@@ -19,7 +19,6 @@ from lightning_grng.lightning.strategy import (
     loss_scale_of,
 )
 from lightning_grng.optim.base import GRNGOptimizer
-from lightning_grng.optim.reng import gradient_penalty
 
 #: Callbacks that run training steps from their own ``on_fit_start``.
 _TUNERS = (LearningRateFinder, BatchSizeFinder)
@@ -99,7 +98,7 @@ class GRNGCallback(Callback):
         micro_batches = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         self._check_tuners_can_regularize(trainer)
         for optimizer in self.grng_optimizers(trainer):
-            optimizer._gate.micro_batches = micro_batches
+            optimizer.micro_batches = micro_batches
             if any(h.optimizer is optimizer for h in self._handles):
                 continue
             handle = attach(pl_module, optimizer, grad_scaler=scaler, report=trainer.is_global_zero)
@@ -136,12 +135,8 @@ class GRNGCallback(Callback):
                 "with one extra local backward per step; use strategy=GRNGStrategy() (or "
                 "GRNGDDPStrategy) to avoid it."
             )
-        penalty = gradient_penalty(loss, reng, loss_scale_of(trainer.strategy))
-        if penalty is not None:
-            # Its gradient ρ·Hg is accumulated now; Lightning's own backward of the loss adds g.
-            with reng._gate.paused():
-                penalty.backward(retain_graph=True)
-            reng._grads_regularized = True
+        # The penalty's gradient ρ·Hg is accumulated now; Lightning's own backward adds g.
+        reng.regularized_backward(loss, loss_scale_of(trainer.strategy), include_loss=False)
 
     @override
     def on_train_batch_end(
@@ -169,7 +164,7 @@ class GRNGCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._handles:
-            handle.optimizer._gate.micro_batches = 1
+            handle.optimizer.micro_batches = 1
             handle.remove()
         self._handles.clear()
         self._logged_step.clear()

@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from lightning_grng.distributed.collectives import Sharding
 from lightning_grng.optim.base import GRNGOptimizer
-from lightning_grng.optim.reng import RENG, GRMode, gradient_penalty
+from lightning_grng.optim.reng import RENG
 
 
 def double_backprop_optimizer(optimizer: Any, optimizers: list[Optimizer]) -> RENG | None:
@@ -30,11 +30,7 @@ def double_backprop_optimizer(optimizer: Any, optimizers: list[Optimizer]) -> RE
     """
     candidates = [optimizer] if optimizer is not None else list(optimizers)
     candidates = [getattr(o, "optimizer", o) for o in candidates]  # unwrap LightningOptimizer
-    found = [
-        o
-        for o in candidates
-        if isinstance(o, RENG) and o.gr_mode is GRMode.DOUBLE_BACKPROP and o.regularizes
-    ]
+    found = [o for o in candidates if isinstance(o, RENG) and o.needs_double_backward]
     if len(found) > 1:
         raise RuntimeError(
             "manual_backward() with several double-backprop RENG optimizers is ambiguous: call "
@@ -61,10 +57,7 @@ class RegularizedBackwardMixin:
     (An unreadable checkpoint is named by ``GRNGCallback``, whatever the strategy.)"""
 
     def _regularized_backward(self, loss: Tensor, reng: RENG, loss_scale: float) -> None:
-        penalty = gradient_penalty(loss, reng, loss_scale)
-        with reng._gate.paused():
-            (loss if penalty is None else loss + penalty).backward()
-        reng._grads_regularized = True
+        reng.regularized_backward(loss, loss_scale)
 
     @override
     def backward(  # type: ignore[override]
@@ -165,35 +158,15 @@ class GRNGDDPStrategy(RegularizedBackwardMixin, DDPStrategy):
         for optimizer in self.optimizers:
             optimizer = getattr(optimizer, "optimizer", optimizer)
             if isinstance(optimizer, GRNGOptimizer):
-                optimizer._shard = (
-                    Sharding(self.global_rank, self.world_size) if self.world_size > 1 else None
-                )
+                optimizer.use_sharding(Sharding(self.global_rank, self.world_size))
 
     @override
     def _regularized_backward(self, loss: Tensor, reng: RENG, loss_scale: float) -> None:
-        if self.world_size <= 1:
-            super()._regularized_backward(loss, reng, loss_scale)
-            return
-        rho_of = reng._rho_of()
-        params = [p for p in reng.flat_params() if p.requires_grad]
-        # The plain loss's local backward: its output gradients are the curvature statistics.
-        with reng._gate.statistics_pass():
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        local = [
-            torch.zeros_like(p) if g is None else g.detach()
-            for p, g in zip(params, grads, strict=True)
-        ]
-        mean = Sharding(self.global_rank, self.world_size).all_reduce_mean(local)
-        reng._record_plain_grad_norm([g / loss_scale for g in mean])
-        # ∇ of ρ/c·⟨g_r, ḡ⟩ (ḡ constant) is ρ·H_r ḡ; DDP's average gives ρ·H̄ḡ: the global GR.
-        penalty = sum(
-            (rho_of[p] / loss_scale) * (g * m).sum()
-            for p, g, m in zip(params, grads, mean, strict=True)
-            if g is not None
-        )
-        with reng._gate.paused():
-            (loss + penalty).backward()
-        reng._grads_regularized = True
+        # The penalty is the global one: one extra all-reduce of gradient size per backward.
+        average = None
+        if self.world_size > 1:
+            average = Sharding(self.global_rank, self.world_size).all_reduce_mean
+        reng.regularized_backward(loss, loss_scale, average)
 
     @classmethod
     @override

@@ -2,7 +2,7 @@
 
 from lightning_grng.optim.base import GRNGOptimizer
 from lightning_grng.optim.kfac import KFAC
-from lightning_grng.optim.reng import RENG, gradient_penalty, regularized_backward
+from lightning_grng.optim.reng import RENG, regularized_backward
 from lightning_grng.optim.ring import RING
 from lightning_grng.optim.rkalman import RKalman
 
@@ -12,6 +12,5 @@ __all__ = [
     "RING",
     "GRNGOptimizer",
     "RKalman",
-    "gradient_penalty",
     "regularized_backward",
 ]

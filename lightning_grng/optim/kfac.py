@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import math
 import warnings
-from enum import Enum
 from typing import Any, ClassVar
 
 import torch
@@ -11,92 +11,35 @@ from torch import Tensor
 
 from lightning_grng.curvature.block import KroneckerBlock
 from lightning_grng.curvature.capture import FactorAccumulator, LossReduction
-from lightning_grng.curvature.inverse import batched_spd_eigh, working_dtype
+from lightning_grng.curvature.inverse import working_dtype
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
-from lightning_grng.optim.base import GRNGOptimizer, ParamsT
+from lightning_grng.optim.arguments import documented, hyperparameters
+from lightning_grng.optim.base import GRNGOptimizer, ParamsT, StepGradients
+from lightning_grng.optim.damping import DampingArgs, DampingMode
+from lightning_grng.optim.routes import Due, Preconditioner, Route, route_for
 from lightning_grng.optim.validation import check_choice, check_int, check_range
 
 
-class DampingMode(str, Enum):
-    """Units of ``damping`` (``docs/algorithms.md`` §2)."""
-
-    #: γ = λ · (mean eigenvalue of the block's A ⊗ G): scale-free, the same default means the
-    #: same thing on any model.
-    RELATIVE = "relative"
-    #: γ = λ in the units of the Fisher (the loss's units squared over the parameters').
-    ABSOLUTE = "absolute"
-
-
-class Preconditioner(str, Enum):
-    """How a block's gradient is scaled in the Kronecker eigenbasis (``docs/algorithms.md`` §8)."""
-
-    #: ``(A ⊗ G + γI)⁻¹``: the eigenvalue products ``s aᵀ`` (the paper's K-FAC; eigh or Newton).
-    KFAC = "kfac"
-    #: ``(D + γ)^(−power)`` in the eigenbasis of A and G, with D a running second moment of the
-    #: rotated gradient (eigenvalue-corrected, EKFAC/SOAP-like; eigh only).
-    EIGEN = "eigen"
-
-
-#: Defaults that depend on the preconditioner mode (``docs/defaults.md``): the relative damping
-#: λ and the Adam fallback's lr multiple (the eigen mode's lr has Adam's units).
-MODE_DEFAULTS: dict[Preconditioner, dict[str, float]] = {
-    Preconditioner.KFAC: dict(damping=100.0, fallback_lr=0.1),
-    Preconditioner.EIGEN: dict(damping=1e-4, fallback_lr=1.0),
-}
-
-
+@documented
 class KFAC(GRNGOptimizer):
     """Kronecker-factored natural gradient per layer, in one of two modes:
 
-    * ``preconditioner="eigen"`` (default): ``U = Q (D + γ)^(−½) Qᵀ g`` with Q the eigenbasis
+    * preconditioner='eigen' (default): U = Q (D + gamma)^(-1/2) Q^T g with Q the eigenbasis
       of the Kronecker factors A and G and D a running second moment of the rotated gradient
-      (eigenvalue-corrected; ``docs/algorithms.md`` §8). ``lr`` has Adam's units.
-    * ``preconditioner="kfac"``: the paper's ``U = (A ⊗ G + γI)⁻¹ g`` (eigh or warm-started
-      Newton–Schulz), with the KL-clip setting the step length.
+      (eigenvalue-corrected; docs/algorithms.md section 8). lr has Adam's units.
+    * preconditioner='kfac': the paper's U = (A x G + gamma*I)^-1 g (eigh or warm-started
+      Newton-Schulz), with the KL-clip setting the step length.
 
-    ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding`` and ``nn.MultiheadAttention``
-    layers (and registered types, :func:`lightning_grng.register_block`) get a Kronecker block;
-    every other trainable parameter gets the fallback update. Hooks are attached with
-    :func:`lightning_grng.attach` (plain PyTorch) or by :class:`lightning_grng.GRNGCallback`.
-
-    Args:
-        params: parameters or parameter groups.
-        lr: learning rate.
-        momentum: momentum on the preconditioned update, in [0, 1): heavy ball in ``"kfac"``
-            mode, an EMA (``m ← μm + (1 − μ)U``) in ``"eigen"`` mode.
-        weight_decay: decoupled weight decay (``θ ← θ·(1 − lr·wd)``), >= 0.
-        damping: Tikhonov damping λ > 0 added to the curvature, in the units of
-            ``damping_mode``; None (default): 100 for ``preconditioner="kfac"``, 1e-4 for
-            ``"eigen"`` (relative units).
-        damping_mode: ``"relative"`` (default: γ = λ times the mean eigenvalue of each block's
-            A ⊗ G, so λ is scale-free) or ``"absolute"`` (γ = λ).
-        ema_decay: decay of the factor moving averages, in [0, 1).
-        curvature_every: refresh the factor statistics every this many steps.
-        inverse_every: refresh the inverse representation every this many steps.
-        inverse: ``"eigh"`` (exact damping via eigendecompositions) or ``"newton"`` (warm-started
-            Newton–Schulz inverses of factored-damped factors, matmuls only; ``"kfac"`` mode
-            only). None (default): ``"eigh"``.
-        newton_iters: maximum Newton–Schulz iterations per refresh.
-        kl_clip: bound on the step's predicted KL change ``lr²·⟨U, g⟩``; None disables it.
-        fisher: ``"empirical"`` (from the training loss's backward) or ``"mc"`` (labels sampled
-            from the model; needs :meth:`mc_fisher_backward`).
-        loss_reduction: how the training loss reduces over samples, ``"mean"`` or ``"sum"``;
-            sets the scale of G (see ``docs/algorithms.md``).
-        fallback: update of parameters without a Kronecker block: ``"adam"`` (default) or
-            ``"sgd"`` (the raw gradient through momentum and the KL-clip).
-        fallback_lr: the Adam fallback's learning rate as a multiple of the group's ``lr``
-            (so it follows the same schedule); None (default): 1 in ``"eigen"`` mode, 0.1 in
-            ``"kfac"`` mode.
-        preconditioner: ``"eigen"`` (default: the eigenbasis of A and G with a running second
-            moment of the rotated gradient in place of the eigenvalue products;
-            ``docs/algorithms.md`` §8) or ``"kfac"`` (``(A ⊗ G + γI)⁻¹``, the paper's route).
-        beta2: ``"eigen"`` mode: decay of the second moment, in [0, 1).
-        power: ``"eigen"`` mode: the step is ``(D + γ)^(−power)`` in the eigenbasis, in (0, 1]
-            (½: Adam's scaling; 1: the natural gradient's).
+    nn.Linear, nn.Conv1d/nn.Conv2d, nn.Embedding and nn.MultiheadAttention layers (and types
+    given a block with lightning_grng.register_block) get a Kronecker block; every other
+    trainable parameter gets the fallback update. The hooks are attached by
+    lightning_grng.attach (plain PyTorch) or by lightning_grng.GRNGCallback (Lightning).
     """
 
-    #: The ``inverse`` route when None is given (RING overrides it for ``"kfac"`` mode).
+    #: The kfac mode's ``inverse`` when None is given (RING's is Newton–Schulz).
     default_inverse: ClassVar[InverseMethod] = InverseMethod.EIGH
+    #: Whether ρ enters the damping (RING); KFAC has no ρ, RENG's enters its gradient.
+    gr_as_damping: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -120,53 +63,54 @@ class KFAC(GRNGOptimizer):
         beta2: float = 0.95,
         power: float = 0.5,
     ) -> None:
+        self._configure(params, hyperparameters(locals()))
+
+    def _configure(self, params: ParamsT, hp: dict[str, Any]) -> None:
         name = type(self).__name__
-        self.preconditioner = check_choice(name, "preconditioner", preconditioner, Preconditioner)
-        self.beta2 = check_range(name, "beta2", beta2, 0.0, 1.0, high_open=True)
-        self.power = check_range(name, "power", power, 0.0, 1.0, low_open=True)
-        self.damping_mode = check_choice(name, "damping_mode", damping_mode, DampingMode)
-        self.ema_decay = check_range(name, "ema_decay", ema_decay, 0.0, 1.0, high_open=True)
-        self.inverse_every = check_int(name, "inverse_every", inverse_every)
-        eigen = self.preconditioner is Preconditioner.EIGEN
-        if inverse is None:
-            inverse = InverseMethod.EIGH if eigen else self.default_inverse
-        self.inverse = check_choice(name, "inverse", inverse, InverseMethod)
-        if eigen and self.inverse is not InverseMethod.EIGH:
-            raise ValueError(
-                f"{name}: preconditioner='eigen' needs the eigenbasis of A and G, so "
-                f"inverse={self.inverse.value!r} is not possible; use inverse='eigh' (or leave "
-                "it None), or preconditioner='kfac' for the Newton–Schulz route."
-            )
-        mode_defaults = MODE_DEFAULTS[self.preconditioner]
-        damping = mode_defaults["damping"] if damping is None else damping
-        fallback_lr = mode_defaults["fallback_lr"] if fallback_lr is None else fallback_lr
-        self.newton_iters = check_int(name, "newton_iters", newton_iters)
-        super().__init__(
-            params,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            damping=damping,
-            curvature_every=curvature_every,
-            kl_clip=kl_clip,
-            fisher=fisher,
-            loss_reduction=loss_reduction,
-            fallback=fallback,
-            fallback_lr=fallback_lr,
+        self.preconditioner = check_choice(
+            name, "preconditioner", hp.pop("preconditioner"), Preconditioner
         )
-        self.momentum_ema = eigen
+        inverse = hp.pop("inverse")
+        inverse = None if inverse is None else check_choice(name, "inverse", inverse, InverseMethod)
+        route_cls = route_for(name, self.preconditioner, inverse, self.default_inverse)
+        self.route: Route = route_cls(
+            beta2=check_range(name, "beta2", hp.pop("beta2"), 0.0, 1.0, high_open=True),
+            power=check_range(name, "power", hp.pop("power"), 0.0, 1.0, low_open=True),
+            newton_iters=check_int(name, "newton_iters", hp.pop("newton_iters")),
+        )
+        self.inverse = InverseMethod.NEWTON if route_cls.name == "newton" else InverseMethod.EIGH
+        self.damping_mode = check_choice(name, "damping_mode", hp.pop("damping_mode"), DampingMode)
+        self.ema_decay = check_range(name, "ema_decay", hp.pop("ema_decay"), 0.0, 1.0, False, True)
+        self.inverse_every = check_int(name, "inverse_every", hp.pop("inverse_every"))
+        if hp["damping"] is None:
+            hp["damping"] = route_cls.damping
+        if hp["fallback_lr"] is None:
+            hp["fallback_lr"] = route_cls.fallback_lr
+        super()._configure(params, hp)
+        self.momentum_ema = route_cls.momentum_ema
         self._factors: dict[str, KroneckerFactors] = {}
         self.inverse_failures = 0
-        #: Stagger the blocks' inverse refreshes over ``inverse_every`` steps (see
+        #: Stagger the blocks' refreshes over ``inverse_every`` steps (see
         #: :meth:`_refresh_due`); False refreshes every block on the same step.
         self.stagger = True
-        #: ``(width, k)``: blocks with a factor at least ``width`` wide refresh their inverse
-        #: every ``k·inverse_every`` steps (the decomposition of a very wide factor, e.g. the
-        #: 785-wide input factor of an MNIST MLP, dominates the amortized step cost on a CPU;
-        #: ``docs/algorithms.md``). None (default): every block every ``inverse_every`` steps.
+        #: ``(width, k)``: blocks with a factor at least ``width`` wide refresh every
+        #: ``k·inverse_every`` steps (the decomposition of a very wide factor dominates the
+        #: amortized step cost on a CPU; ``docs/algorithms.md``). None: every block alike.
         self.wide_refresh: tuple[int, int] | None = None
         #: Blocks whose weight gets gradient from another use too (fallback update).
         self._foreign: set[str] = set()
+
+    @property
+    def beta2(self) -> float:
+        return self.route.beta2
+
+    @property
+    def power(self) -> float:
+        return self.route.power
+
+    @property
+    def newton_iters(self) -> int:
+        return self.route.newton_iters
 
     def _new_accumulator(self, block: KroneckerBlock) -> FactorAccumulator:
         return FactorAccumulator(block.n_in if block.diagonal_input else None)
@@ -177,6 +121,7 @@ class KFAC(GRNGOptimizer):
             self._factors[key] = KroneckerFactors(working_dtype(self._blocks[key].weight.dtype))
         return self._factors[key]
 
+    # ------------------------------------------------------------------ statistics
     def _used_elsewhere(self, key: str, block: KroneckerBlock, accumulator: Any) -> bool:
         """A block whose weight provably gets gradient from another use as well (an embedding
         whose weight an output layer uses through ``F.linear``) keeps no factors: its
@@ -204,22 +149,25 @@ class KFAC(GRNGOptimizer):
             f"({type(block.module).__name__}) gets gradient from outside the module (tied to "
             "an output layer through F.linear or a matmul?); one Kronecker block cannot "
             f"precondition a gradient summed over two uses, so it gets the fallback update "
-            f"({self._fallback_text}). Tie modules instead (head.weight = embedding.weight), "
-            "which attach() recognizes.",
+            f"({self.fallback_description}). Tie modules instead (head.weight = "
+            "embedding.weight), which attach() recognizes.",
             RuntimeWarning,
             stacklevel=6,
         )
 
-    def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> Tensor:
+    def _update_block(
+        self, key: str, block: KroneckerBlock, accumulator: Any, grads: StepGradients
+    ) -> Tensor:
         if self._used_elsewhere(key, block, accumulator):
             return torch.ones((), dtype=torch.bool, device=block.weight.device)
         A, G = accumulator.averaged(LossReduction(self.loss_reduction))
         # Non-finite statistics (and a step that turns out skipped) leave the factors as they
         # were; decided on the device, counted at the step's read-back.
-        return self.factors(key).update(A, G, self.ema_decay, accept=self._step_ok)
+        return self.factors(key).update(A, G, self.ema_decay, accept=self._readback.step_ok)
 
+    # ------------------------------------------------------------------ refresh
     def _refresh_due(self, index: int, block: KroneckerBlock) -> bool:
-        """Whether the ``index``-th block refreshes its inverse at this step.
+        """Whether the ``index``-th block refreshes its representation at this step.
 
         Staggered: block i refreshes when ``(step + ⌊i·T/B⌋) mod T == 0`` (T = its refresh
         period, B = blocks), so each step pays for about B/T blocks instead of all B every T
@@ -232,48 +180,20 @@ class KFAC(GRNGOptimizer):
         offset = index * period // max(len(self._blocks), 1) if self.stagger else 0
         return (self.grng_step + offset) % period == 0
 
-    def _refresh(self, grad_sq_norm: Tensor) -> None:
+    def _prepare(self, grads: StepGradients) -> None:
+        """Refreshes, through the route, every block that is due (the first one at once)."""
         group_of = {p: g for g in self.param_groups for p in g["params"]}
-        due: list[tuple[str, KroneckerBlock, KroneckerFactors]] = []
+        due = []
         for index, (key, block) in enumerate(self._blocks.items()):
             factors = self._factors.get(key)
             if factors is None or factors.updates == 0:
                 continue
-            if not factors.ready or self._refresh_due(index, block):  # the first one is immediate
-                due.append((key, block, factors))
-        if self.inverse is InverseMethod.EIGH:
-            failed = self._refresh_eigh([f for _, _, f in due])
-        else:
-            failed = []
-            for _, block, factors in due:
-                damping = self._block_damping(key, block, factors, group_of[block.weight])
-                failed.append(
-                    factors.refresh(self.inverse, damping, self.newton_iters, self._step_ok)
-                )
-                if factors.unusable is not None:
-                    self._note(factors.unusable, self._cold_start_setter(factors))
-        for flag in failed:
-            self._note(flag, self._count_inverse_failure)
-
-    def _refresh_eigh(self, due: list[KroneckerFactors]) -> list[Tensor]:
-        """Eigendecompositions of all due factors, batched by size (one call per size)."""
-        inputs = [f.eigh_inputs() for f in due]
-        # A diagonal A (an embedding's) is its own eigendecomposition: only G is decomposed.
-        matrices = [
-            m
-            for (A, G, _), f in zip(inputs, due, strict=True)
-            for m in (A, G)
-            if not (m is A and f.a_is_diagonal)
-        ]
-        try:
-            eigs = iter(batched_spd_eigh(matrices))
-        except torch.linalg.LinAlgError:  # even the float64 retry: one block at a time
-            return [f.refresh(InverseMethod.EIGH, 0.0, 0, self._step_ok) for f in due]
-        failed = []
-        for f, (A, _, ok) in zip(due, inputs, strict=True):
-            eig_A = (A.clamp_min(0.0), None) if f.a_is_diagonal else next(eigs)
-            failed.append(f.install_eigh(eig_A, next(eigs), ok, self._step_ok))
-        return failed
+            if not factors.ready or self._refresh_due(index, block):
+                due.append(Due(block, factors, self._damping(block, group_of[block.weight], grads)))
+        for d, failed in zip(due, self.route.refresh(due, self._readback.step_ok), strict=True):
+            self._note(failed, self._count_inverse_failure)
+            if d.factors.unusable is not None:
+                self._note(d.factors.unusable, self._cold_start_setter(d.factors))
 
     def _count_inverse_failure(self, failed: float) -> None:
         if failed:
@@ -288,64 +208,49 @@ class KFAC(GRNGOptimizer):
 
         return set_cold
 
+    # ------------------------------------------------------------------ precondition
+    def _damping(
+        self, block: KroneckerBlock, group: dict[str, Any], grads: StepGradients
+    ) -> DampingArgs:
+        """The damping rule's arguments for one block (``optim/damping.py``)."""
+        return DampingArgs(
+            damping=group["damping"],
+            rho=group["rho"] if self.gr_as_damping else 0.0,
+            boost=self.damping_boost,
+            mode=self.damping_mode,
+            block_grad_sq=lambda: grads.block_sq(block),
+            total_grad_sq=grads.sq,
+        )
+
     def _precondition_block(
-        self, key: str, block: KroneckerBlock, V: Tensor, group: dict[str, Any], grad_sq: Tensor
+        self,
+        key: str,
+        block: KroneckerBlock,
+        V: Tensor,
+        group: dict[str, Any],
+        grads: StepGradients,
     ) -> Tensor | None:
         factors = self._factors.get(key)
         if factors is None or not factors.ready:
             return None
-        if self.preconditioner is Preconditioner.EIGEN:
-            return self._precondition_eigen(block, factors, V, group)
-        return factors.precondition(V, self._block_damping(key, block, factors, group))
+        U, ratio = self.route.direction(block, factors, V, self._damping(block, group, grads))
+        if ratio is not None:
+            self._damping_ratios[block.name] = ratio.mean()
+        return U
 
-    def _precondition_eigen(
-        self, block: KroneckerBlock, factors: KroneckerFactors, V: Tensor, group: dict[str, Any]
-    ) -> Tensor:
-        """``Q (D + γ + C_GR)^(−power) Qᵀ vec(V)``: the eigen-corrected stage (§8).
-
-        ``D`` is the bias-corrected second moment of the rotated gradient, γ the damping (in
-        relative mode λ times the block's mean of D, per group) and ``C_GR`` the diagonal the
-        gradient regularizer adds in this basis (:meth:`_eigen_gr_curvature`; 0 for KFAC)."""
-        R = factors.to_eigenbasis(V)
-        D = factors.observe_moment(R, self.beta2)
-        ratio = torch.full(
-            (D.shape[0],), group["damping"] * self.damping_boost, dtype=D.dtype, device=D.device
-        )
-        self._damping_ratios[block.name] = ratio.mean()
-        relative = self.damping_mode is DampingMode.RELATIVE
-        gamma = ratio * D.mean(dim=(-2, -1)) if relative else ratio
-        curvature = D + gamma[:, None, None] + self._eigen_gr_curvature(block, group, R)
-        curvature = curvature.clamp_min(torch.finfo(curvature.dtype).tiny)
-        scale = curvature.rsqrt() if self.power == 0.5 else curvature.pow(-self.power)
-        return factors.from_eigenbasis(R * scale, V.dtype)
-
-    def _eigen_gr_curvature(
-        self, block: KroneckerBlock, group: dict[str, Any], R: Tensor
-    ) -> Tensor | float:
-        """The gradient regularizer's curvature on the eigenbasis diagonal (KFAC: none)."""
-        return 0.0
-
-    def _block_damping(
-        self, key: str, block: KroneckerBlock, factors: KroneckerFactors, group: dict[str, Any]
-    ) -> float | Tensor:
-        """γ of one block in the units of its A ⊗ G (per group in relative mode), boost
-        included; records the damping-to-curvature ratio γ / mean eigenvalue for diagnostics."""
-        scale = factors.mean_eigenvalue()
+    def _reported_damping(self, group: dict[str, Any]) -> float | Tensor:
+        """Relative mode: the mean over blocks of γ / mean curvature (λ·boost, plus RING's GR
+        share in the kfac mode); absolute mode: γ of the first group, ``(λ + ρ‖g‖²)·boost``."""
         if self.damping_mode is DampingMode.ABSOLUTE:
-            gamma: float | Tensor = self._effective_damping(group, self._step_grad_sq)
-            ratio = gamma / scale.clamp_min(torch.finfo(scale.dtype).tiny)
-        else:
-            ratio = self._relative_damping(block, group, scale) * self.damping_boost
-            gamma = ratio * scale
-        self._damping_ratios[block.name] = ratio.mean()
-        return gamma
+            rho = group["rho"] if self.gr_as_damping else 0.0
+            grad_sq = self._readback.grad_sq_host  # not finite on a skipped step: no GR term
+            gr = rho * grad_sq if math.isfinite(grad_sq) else 0.0
+            return (group["damping"] + gr) * self.damping_boost
+        if self._damping_ratios:
+            return torch.stack([r.double() for r in self._damping_ratios.values()]).mean()
+        return group["damping"] * self.damping_boost
 
-    def _relative_damping(
-        self, block: KroneckerBlock, group: dict[str, Any], scale: Tensor
-    ) -> Tensor:
-        """γ / (mean eigenvalue of A ⊗ G) before the failure boost; KFAC: λ."""
-        return torch.full_like(scale, group["damping"])
-
+    # ------------------------------------------------------------------ checkpoints
     def _block_state(self, key: str) -> dict[str, Any]:
         factors = self._factors.get(key)
         return {} if factors is None else factors.state_dict()

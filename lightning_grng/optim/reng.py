@@ -10,59 +10,38 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, ParamsT, _device_total
+from lightning_grng.optim.arguments import documented, hyperparameters
+from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, ParamsT
 from lightning_grng.optim.kfac import KFAC
+from lightning_grng.optim.update import device_total
 from lightning_grng.optim.validation import check_choice, check_range
+
+#: Averages gradients over DDP ranks (``Sharding.all_reduce_mean``).
+Average = Callable[[list[Tensor]], list[Tensor]]
 
 
 class GRMode(str, Enum):
+    """How RENG forms ``Hg``."""
+
     DOUBLE_BACKPROP = "double_backprop"
     FINITE_DIFFERENCE = "finite_difference"
 
 
+@documented
 class RENG(KFAC):
-    """Regularized Explicit Natural Gradient: the Kronecker preconditioner applied to ``∇ℓ_G``.
+    """Regularized Explicit Natural Gradient: the Kronecker preconditioner applied to the
+    gradient of the regularized loss, grad l_G = g + rho*H g, the gradient of
+    l + rho/2 |grad l|^2. It enters the default eigen-mode stage (D is then the second moment of
+    the rotated regularized gradient) or the paper's (A x G + lambda*I)^-1 grad l_G
+    (preconditioner='kfac'). The curvature statistics come from the plain loss's backward only.
 
-    ``∇ℓ_G = g + ρ·H g`` is the gradient of ``ℓ + ρ/2‖∇ℓ‖²``; it enters the default
-    ``preconditioner="eigen"`` stage (``Q (D + γ)^(−½) Qᵀ ∇ℓ_G``, D the second moment of the
-    rotated regularized gradient) or the paper's ``(A ⊗ G + λI)⁻¹ ∇ℓ_G``
-    (``preconditioner="kfac"``). The curvature statistics come from the plain loss's backward
-    only.
-
-    * ``gr_mode="double_backprop"`` (default): exact ``Hg`` by differentiating ½‖g‖². In plain
-      PyTorch call ``loss.backward(create_graph=True)`` before ``step()`` (or
-      :func:`regularized_backward`); in Lightning :class:`~lightning_grng.GRNGStrategy` does it.
-    * ``gr_mode="finite_difference"``: ``Hg ≈ (∇ℓ(θ + εg) − g)/ε`` with ``ε = fd_eps/‖g‖``, one
-      extra forward/backward on the same batch and no double backward (works with BatchNorm
-      and kernels without double backward). Needs ``step(closure)``; buffers such as BatchNorm
-      running statistics are restored after the extra pass.
-
-    Args:
-        params: parameters or parameter groups.
-        lr: learning rate.
-        momentum: momentum on the preconditioned update, in [0, 1) (an EMA in ``"eigen"``
-            mode, heavy ball in ``"kfac"`` mode).
-        weight_decay: decoupled weight decay, >= 0.
-        damping: Tikhonov damping λ > 0, in the units of ``damping_mode``; None: the mode's
-            default (1e-4 ``"eigen"``, 100 ``"kfac"``, relative units).
-        damping_mode: ``"relative"`` (default) or ``"absolute"``; see :class:`~lightning_grng.KFAC`.
-        rho: gradient-regularization strength ρ >= 0.
-        ema_decay: decay of the factor moving averages, in [0, 1).
-        curvature_every: refresh the factor statistics every this many steps.
-        inverse_every: refresh the inverse representation every this many steps.
-        inverse: ``"eigh"`` (None: default) or ``"newton"`` (``"kfac"`` mode only).
-        newton_iters: maximum Newton–Schulz iterations per refresh.
-        kl_clip: bound on the step's predicted KL change; None disables it.
-        fisher: ``"empirical"`` or ``"mc"``.
-        loss_reduction: ``"mean"`` or ``"sum"``.
-        fallback: ``"adam"`` (default) or ``"sgd"``: the update of parameters without a block.
-        fallback_lr: the Adam fallback's lr as a multiple of the group's ``lr``; None: the
-            mode's default (1 for ``"eigen"``, 0.1 for ``"kfac"``).
-        preconditioner: ``"eigen"`` (default) or ``"kfac"``; see :class:`~lightning_grng.KFAC`.
-        beta2: ``"eigen"`` mode: decay of the second moment, in [0, 1).
-        power: ``"eigen"`` mode: the step is ``(D + γ + C_GR)^(−power)`` in the eigenbasis.
-        gr_mode: ``"double_backprop"`` or ``"finite_difference"``.
-        fd_eps: finite-difference step length ``ε‖g‖`` (> 0).
+    * gr_mode='double_backprop' (default): exact Hg by differentiating |g|^2/2. In plain
+      PyTorch call loss.backward(create_graph=True) before step() (or
+      lightning_grng.regularized_backward(loss, optimizer)); in Lightning GRNGStrategy does it.
+    * gr_mode='finite_difference': Hg ~ (grad l(theta + eps*g) - g)/eps with eps = fd_eps/|g|,
+      one extra forward/backward on the same batch and no double backward (works with
+      BatchNorm and kernels without a double backward). Needs step(closure); buffers such as
+      BatchNorm running statistics are restored after the extra pass.
     """
 
     group_ranges: ClassVar[dict[str, tuple[float, float | None, bool, bool]]] = {
@@ -95,51 +74,108 @@ class RENG(KFAC):
         beta2: float = 0.95,
         power: float = 0.5,
     ) -> None:
+        self._configure(params, hyperparameters(locals()))
+
+    def _configure(self, params: ParamsT, hp: dict[str, Any]) -> None:
         name = type(self).__name__
-        self.gr_mode = check_choice(name, "gr_mode", gr_mode, GRMode)
-        self.fd_eps = check_range(name, "fd_eps", fd_eps, 0.0, low_open=True)
-        super().__init__(
-            params,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            damping=damping,
-            damping_mode=damping_mode,
-            ema_decay=ema_decay,
-            curvature_every=curvature_every,
-            inverse_every=inverse_every,
-            inverse=inverse,
-            newton_iters=newton_iters,
-            kl_clip=kl_clip,
-            fisher=fisher,
-            loss_reduction=loss_reduction,
-            fallback=fallback,
-            fallback_lr=fallback_lr,
-            preconditioner=preconditioner,
-            beta2=beta2,
-            power=power,
-        )
+        self.gr_mode = check_choice(name, "gr_mode", hp.pop("gr_mode"), GRMode)
+        self.fd_eps = check_range(name, "fd_eps", hp.pop("fd_eps"), 0.0, low_open=True)
+        rho = hp.pop("rho")
+        super()._configure(params, hp)
         self._add_group_default("rho", self._check_group_value("rho", rho))
+        #: The gradients in .grad are already ∇ℓ_G (set by :meth:`regularized_backward`).
         self._grads_regularized = False
+        #: ‖g‖² of the plain (unregularized) gradient, on the device; reported as grad_norm.
+        self.plain_grad_sq: Tensor | None = None
 
     @property
     def regularizes(self) -> bool:
         return any(group["rho"] > 0.0 for group in self.param_groups)
 
+    @property
+    def needs_double_backward(self) -> bool:
+        """Whether the training loop's backward must keep the graph of the gradient."""
+        return self.gr_mode is GRMode.DOUBLE_BACKPROP and self.regularizes
+
     def _rho_of(self) -> dict[Tensor, float]:
         return {p: group["rho"] for group in self.param_groups for p in group["params"]}
 
-    def _gradients(
-        self, params: list[Tensor], closure: Callable[[], Any] | None
-    ) -> tuple[Any, list[Tensor]]:
+    def _reported_grad_sq(self) -> float | Tensor:
+        plain = self.plain_grad_sq
+        return super()._reported_grad_sq() if plain is None else plain
+
+    # ------------------------------------------------------------------ the public seam
+    def gradient_penalty(
+        self, loss: Tensor, loss_scale: float = 1.0, average: Average | None = None
+    ) -> Tensor | None:
+        """The penalty whose gradient is ``c·ρ·Hg``, built from an out-of-place inner gradient.
+
+        ``loss`` is ``c·ℓ`` (``c = loss_scale``: e.g. ``1/N`` under gradient accumulation over
+        N micro-batches, times the AMP loss scale). The inner ``autograd.grad(...,
+        create_graph=True)`` is the plain loss's backward: its output gradients are the
+        curvature statistics. Locally the penalty is ``ρ/(2c)·‖∇(cℓ)‖²``; with ``average``
+        (DDP: the mean over ranks, ḡ) it is ``ρ/c·⟨∇(cℓ), ḡ⟩`` with ḡ constant, whose gradient
+        averaged by DDP is ``ρ·H̄ḡ``: the global GR. Returns None when ρ = 0 everywhere.
+        """
+        if not self.regularizes:
+            return None
+        rho_of = self._rho_of()
+        params = [p for p in self.flat_params() if p.requires_grad]
+        with self._gate.statistics_pass():
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        if average is None:
+            used = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+            self._record_plain_grad_norm([g.detach() / loss_scale for _, g in used])
+            return sum(0.5 / loss_scale * rho_of[p] * g.pow(2).sum() for p, g in used)  # type: ignore[return-value]
+        local = [
+            torch.zeros_like(p) if g is None else g.detach()
+            for p, g in zip(params, grads, strict=True)
+        ]
+        mean = average(local)
+        self._record_plain_grad_norm([g / loss_scale for g in mean])
+        return sum(  # type: ignore[return-value]
+            (rho_of[p] / loss_scale) * (g * m).sum()
+            for p, g, m in zip(params, grads, mean, strict=True)
+            if g is not None
+        )
+
+    def regularized_backward(
+        self,
+        loss: Tensor,
+        loss_scale: float = 1.0,
+        average: Average | None = None,
+        include_loss: bool = True,
+    ) -> None:
+        """One backward that accumulates ``c·∇(ℓ + ρ/2‖∇ℓ‖²)`` into ``.grad``: the penalty
+        (:meth:`gradient_penalty`), then ONE ordinary backward with the curvature capture
+        paused (the statistics came from the inner gradient), and the gradients marked as
+        regularized for :meth:`step`. This is the backward DDP can synchronize.
+
+        ``include_loss=False`` backpropagates the penalty only (retaining the graph), for a
+        loop whose own backward of the loss follows (Lightning's, under another strategy).
+        """
+        penalty = self.gradient_penalty(loss, loss_scale, average)
+        if penalty is None:
+            if include_loss:
+                loss.backward()
+            return
+        with self._gate.paused():
+            if include_loss:
+                (loss + penalty).backward()
+            else:
+                penalty.backward(retain_graph=True)
+        self._grads_regularized = True
+
+    # ------------------------------------------------------------------ gradients
+    def _gradients(self, closure: Callable[[], Any] | None) -> tuple[Any, dict[Tensor, Tensor]]:
         if self.gr_mode is GRMode.FINITE_DIFFERENCE and self.regularizes:
             return self._finite_difference_gradients(closure)
-        loss, _ = super()._gradients(params, closure)  # runs the closure (Lightning's backward)
+        loss, _ = super()._gradients(closure)  # runs the closure (Lightning's backward)
         params = [p for p in self.flat_params() if p.grad is not None]
         grads = [p.grad for p in params]
         if self._grads_regularized:  # regularized_backward() already produced ∇ℓ_G
             self._grads_regularized = False
-            return loss, [g.detach() for g in grads]
+            return loss, {p: g.detach() for p, g in zip(params, grads, strict=True)}
         graph = [(p, g) for p, g in zip(params, grads, strict=True) if g.requires_grad]
         if self.regularizes and not graph:
             raise RuntimeError(
@@ -153,24 +189,25 @@ class RENG(KFAC):
         if not graph or not self.regularizes:
             for p in params:
                 p.grad = p.grad.detach()
-            return loss, [p.grad for p in params]
+            return loss, {p: p.grad for p in params}
+        # The user's backward kept the graph: Hg is the gradient of ½‖g‖² through it.
         with torch.enable_grad(), self._gate.paused():
             penalty = 0.5 * sum(g.pow(2).sum() for _, g in graph)
             hvps = torch.autograd.grad(penalty, [p for p, _ in graph], allow_unused=True)
         hvp_of = {p: h for (p, _), h in zip(graph, hvps, strict=True) if h is not None}
         rho_of = self._rho_of()
-        out = []
+        out = {}
         for p in params:
             p.grad = p.grad.detach()  # frees the double-backward graph (and its ref cycle)
             g = p.grad
             if p in hvp_of:
                 g = g + rho_of[p] * hvp_of[p]
-            out.append(g)
+            out[p] = g
         return loss, out
 
     def _finite_difference_gradients(
         self, closure: Callable[[], Any] | None
-    ) -> tuple[Any, list[Tensor]]:
+    ) -> tuple[Any, dict[Tensor, Tensor]]:
         if closure is None:
             raise RuntimeError(
                 f"{type(self).__name__}(gr_mode='finite_difference') re-evaluates the batch: "
@@ -184,7 +221,7 @@ class RENG(KFAC):
         # The extra pass needs ε on the host: one more read-back in this mode.
         norm = math.sqrt(float(self._record_plain_grad_norm(grads)))
         if norm == 0.0 or not math.isfinite(norm):
-            return loss, grads
+            return loss, dict(zip(params, grads, strict=True))
         eps = self.fd_eps / norm
         originals = [p.detach().clone() for p in params]
         model = self._model
@@ -203,50 +240,21 @@ class RENG(KFAC):
             for b, saved in zip(model.buffers(), buffers, strict=True):
                 b.copy_(saved)
         rho_of = self._rho_of()
-        return loss, [
-            g + (rho_of[p] / eps) * (s - g) for p, g, s in zip(params, grads, shifted, strict=True)
-        ]
+        return loss, {
+            p: g + (rho_of[p] / eps) * (s - g)
+            for p, g, s in zip(params, grads, shifted, strict=True)
+        }
 
     def _record_plain_grad_norm(self, grads: list[Tensor]) -> Tensor:
         """‖g‖² of the plain gradient, kept on the device (reported as ``grad_norm``)."""
-        sq = _device_total(g.detach().double().pow(2).sum() for g in grads)
+        sq = device_total(g.detach().double().pow(2).sum() for g in grads)
         self.plain_grad_sq = sq
         return sq
 
 
-def gradient_penalty(loss: Tensor, optimizer: RENG, loss_scale: float = 1.0) -> Tensor | None:
-    """The penalty whose gradient is ``ρ·H g``, built from an out-of-place inner gradient.
-
-    ``loss`` is ``loss_scale · ℓ`` (e.g. ``1/N`` under gradient accumulation over N
-    micro-batches, times the AMP loss scale). The inner ``autograd.grad(..., create_graph=True)``
-    is the plain loss's backward: its output gradients are the curvature statistics, committed
-    by the ordinary backward of the regularized loss that follows. The returned penalty
-    ``ρ/(2c)·‖∇(cℓ)‖²`` has gradient ``c·ρ·Hg``, so adding its backward to the loss's gives
-    ``c·∇(ℓ + ρ/2‖∇ℓ‖²)`` for this micro-batch. Returns None when ρ = 0 everywhere.
-    """
-    if not optimizer.regularizes:
-        return None
-    rho_of = optimizer._rho_of()
-    params = [p for p in optimizer.flat_params() if p.requires_grad]
-    with optimizer._gate.statistics_pass():
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    used = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
-    optimizer._record_plain_grad_norm([g.detach() / loss_scale for _, g in used])
-    return sum(0.5 / loss_scale * rho_of[p] * g.pow(2).sum() for p, g in used)  # type: ignore[return-value]
-
-
 def regularized_backward(loss: Tensor, optimizer: RENG, loss_scale: float = 1.0) -> None:
-    """One ordinary backward that accumulates ``∇(ℓ + ρ/2‖∇ℓ‖²)`` into ``.grad``.
-
-    The inner gradient is taken out of place (see :func:`gradient_penalty`), then a single
-    backward of the regularized loss follows: this is the backward DDP can synchronize. With
-    gradient accumulation, pass ``loss_scale=1/N`` for losses divided by N: the penalty is then
-    formed per micro-batch, accumulating ``∇(ℓ_i + ρ/2‖∇ℓ_i‖²)/N``.
-    """
-    penalty = gradient_penalty(loss, optimizer, loss_scale)
-    if penalty is None:
-        loss.backward()
-        return
-    with optimizer._gate.paused():
-        (loss + penalty).backward()
-    optimizer._grads_regularized = True
+    """``optimizer.regularized_backward(loss, loss_scale)``: one ordinary backward that
+    accumulates ``∇(ℓ + ρ/2‖∇ℓ‖²)`` into ``.grad`` (see :meth:`RENG.regularized_backward`).
+    With gradient accumulation, pass ``loss_scale=1/N`` for losses divided by N: the penalty is
+    then formed per micro-batch, accumulating ``∇(ℓ_i + ρ/2‖∇ℓ_i‖²)/N``."""
+    optimizer.regularized_backward(loss, loss_scale)

@@ -3,7 +3,6 @@ inverts the Fisher."""
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -12,22 +11,19 @@ from lightning_grng.curvature.block import KroneckerBlock
 from lightning_grng.curvature.capture import LossReduction
 from lightning_grng.curvature.inverse import working_dtype
 from lightning_grng.curvature.kalman import (
+    FilterPlan,
     KalmanAccumulator,
     KalmanFactors,
     Measurement,
     MeasurementMethod,
 )
-from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, GRNGOptimizer, ParamsT
+from lightning_grng.optim.arguments import documented, hyperparameters
+from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, GRNGOptimizer, ParamsT, StepGradients
+from lightning_grng.optim.damping import RhoMode, kalman_gr
 from lightning_grng.optim.validation import check_choice, check_int, check_range
 
 
-class RhoMode(str, Enum):
-    """Where the gradient regularizer enters the filter."""
-
-    DAMPING = "damping"
-    NOISE = "noise"
-
-
+@documented
 class RKalman(GRNGOptimizer):
     """Regularized Kalman: natural gradient as a Kronecker-factored Kalman filter, no inversion.
 
@@ -53,48 +49,43 @@ class RKalman(GRNGOptimizer):
     negative log-likelihood, ``measurement="rows"`` with ``measurement_size`` >= the batch,
     ``lr=1``, no momentum and no KL-clip, a linear layer ends at the exact Bayesian (ridge)
     posterior with prior precision ``prior_count · damping``, whatever the batch split.
-
-    Args:
-        params: parameters or parameter groups.
-        lr: learning rate; 1 is the Kalman step (the Bayesian posterior mean update).
-        momentum: heavy-ball momentum on the preconditioned update, in [0, 1).
-        weight_decay: decoupled weight decay (``θ ← θ·(1 − lr·wd)``), >= 0.
-        damping: the floor λ > 0 on the per-sample Fisher (``Λ̄_A ⊗ Λ̄_G ≈ A ⊗ G + λI``, split
-            between the factors as in KFAC); also sets the prior precision ``prior_count·λ``.
-        rho: gradient-regularization strength ρ >= 0.
-        rho_mode: ``"damping"`` (ρ‖g‖² is curvature absorbed with the batch) or ``"noise"``
-            (it inflates the batch's observation noise).
-        forgetting: ε in (0, 1]: the predict step keeps ``ε`` of the information per filter
-            update (memory ``1/(1−ε)`` updates); 1 is exact Bayesian updating.
-        prior_count: N₀ > 0, the prior's weight in units of information (filter updates for
-            a mean-reduced loss, samples for a sum-reduced one); the prior precision is
-            ``N₀·λ``. None: the stationary count ``c/(1−ε)`` (c: the first update's
-            information), which makes the filter KFAC's moving average from the first step;
-            required when ``forgetting=1``.
-        observation_noise: σ² > 0 when the training loss is the Gaussian negative
-            log-likelihood ``‖y − ŷ‖²/(2σ²)`` of each block's outputs with known noise: then
-            ``P_G = σ²I`` is fixed and only ``P_A`` is filtered (exact for a linear-Gaussian
-            layer; a one-sided preconditioner for hidden layers). None (default): ``P_G`` is
-            filtered from the back-propagated errors (``fisher``).
-        measurement: ``"sketch"`` (k signed sums of rows, ``XᵀΩ``, per factor) or ``"rows"``
-            (k rows drawn at random; all rows, exactly, when a pass has at most k).
-        measurement_size: k >= 1, measurement vectors per factor and pass.
-        floor_tol: bound on the relative over-application of each damping-floor increment by
-            its truncated power series, in (0, 1) (one matmul per factor at the default).
-        curvature_every: run the filter (statistics and update) every this many steps.
-        kl_clip: bound on the step's predicted KL change ``lr²·⟨U, g⟩``; None disables it.
-        fisher: ``"empirical"`` (from the training loss's backward) or ``"mc"`` (labels sampled
-            from the model; needs :meth:`mc_fisher_backward`).
-        loss_reduction: how the training loss reduces over samples, ``"mean"`` or ``"sum"``;
-            sets the unit of information (one update, or one sample).
-        seed: seed of the measurement draws (sketches, row samples), >= 0.
-        fallback: ``"adam"`` (default) or ``"sgd"``: the update of parameters without a block.
-        fallback_lr: the Adam fallback's lr as a multiple of the group's ``lr``.
     """
 
     group_ranges: ClassVar[dict[str, tuple[float, float | None, bool, bool]]] = {
         **GROUP_RANGES,
         **RHO_RANGE,
+    }
+
+    ARGUMENTS: ClassVar[dict[str, str]] = {
+        "lr": "learning rate; 1 is the Kalman step (the Bayesian posterior mean update), "
+        "typically 0.3-3.",
+        "momentum": "heavy-ball momentum on the preconditioned update, in [0, 1).",
+        "damping": "the floor lambda > 0 on the per-sample Fisher (A x G + lambda*I, split "
+        "between the factors as in KFAC), absolute units; also sets the prior precision "
+        "prior_count * lambda.",
+        "rho": "gradient-regularization strength rho >= 0.",
+        "rho_mode": "'damping' (rho |g|^2 is curvature absorbed with the batch) or 'noise' (it "
+        "inflates the batch's observation noise).",
+        "forgetting": "epsilon in (0, 1]: the predict step keeps epsilon of the information per "
+        "filter update (memory 1/(1 - epsilon) updates); 1 is exact Bayesian updating.",
+        "prior_count": "N0 > 0, the prior's weight in units of information (filter updates for "
+        "a mean-reduced loss, samples for a sum-reduced one); the prior precision is "
+        "N0 * lambda. None: the stationary count c/(1 - epsilon), which makes the filter KFAC's "
+        "moving average from the first step; required when forgetting=1.",
+        "observation_noise": "sigma^2 > 0 when the training loss is the Gaussian negative "
+        "log-likelihood |y - y_hat|^2/(2 sigma^2) with known noise: then P_G = sigma^2 I is "
+        "fixed and only P_A is filtered. None (default): P_G is filtered from the "
+        "back-propagated errors.",
+        "measurement": "'sketch' (k signed sums of rows per factor) or 'rows' (k rows drawn at "
+        "random; all rows, exactly, when a pass has at most k).",
+        "measurement_size": "k >= 1, measurement vectors per factor and pass.",
+        "floor_tol": "bound on the relative over-application of each damping-floor increment "
+        "by its truncated power series, in (0, 1).",
+        "curvature_every": "run the filter (statistics and update) every this many steps.",
+        "loss_reduction": "how the training loss reduces over samples, 'mean' or 'sum'; sets "
+        "the unit of information (one update, or one sample).",
+        "seed": "seed of the measurement draws (sketches, row samples), >= 0.",
+        "fallback_lr": "the Adam fallback's lr as a multiple of the group's lr.",
     }
 
     def __init__(
@@ -120,8 +111,12 @@ class RKalman(GRNGOptimizer):
         fallback: str = "adam",
         fallback_lr: float = 0.1,
     ) -> None:
+        self._configure(params, hyperparameters(locals()))
+
+    def _configure(self, params: ParamsT, hp: dict[str, Any]) -> None:
         name = type(self).__name__
-        self.forgetting = check_range(name, "forgetting", forgetting, 0.0, 1.0, low_open=True)
+        self.forgetting = check_range(name, "forgetting", hp.pop("forgetting"), 0.0, 1.0, True)
+        prior_count = hp.pop("prior_count")
         if prior_count is not None:
             prior_count = check_range(name, "prior_count", prior_count, 0.0, low_open=True)
         elif self.forgetting == 1.0:
@@ -131,36 +126,28 @@ class RKalman(GRNGOptimizer):
                 "stationary count 1/(1 - forgetting))."
             )
         self.prior_count = prior_count
-        if observation_noise is not None:
-            observation_noise = check_range(
-                name, "observation_noise", observation_noise, 0.0, low_open=True
-            )
-        self.observation_noise = observation_noise
-        self.rho_mode = check_choice(name, "rho_mode", rho_mode, RhoMode)
-        self.measurement = check_choice(name, "measurement", measurement, MeasurementMethod)
-        self.measurement_size = check_int(name, "measurement_size", measurement_size)
+        noise = hp.pop("observation_noise")
+        if noise is not None:
+            noise = check_range(name, "observation_noise", noise, 0.0, low_open=True)
+        self.observation_noise = noise
+        self.rho_mode = check_choice(name, "rho_mode", hp.pop("rho_mode"), RhoMode)
+        self.measurement = check_choice(
+            name, "measurement", hp.pop("measurement"), MeasurementMethod
+        )
+        self.measurement_size = check_int(name, "measurement_size", hp.pop("measurement_size"))
         self.floor_tol = check_range(
-            name, "floor_tol", floor_tol, 0.0, 1.0, low_open=True, high_open=True
+            name, "floor_tol", hp.pop("floor_tol"), 0.0, 1.0, low_open=True, high_open=True
         )
-        self.seed = check_int(name, "seed", seed, low=0)
-        super().__init__(
-            params,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            damping=damping,
-            curvature_every=curvature_every,
-            kl_clip=kl_clip,
-            fisher=fisher,
-            loss_reduction=loss_reduction,
-            fallback=fallback,
-            fallback_lr=fallback_lr,
-        )
+        self.seed = check_int(name, "seed", hp.pop("seed"), low=0)
+        rho = hp.pop("rho")
+        super()._configure(params, hp)
         self._add_group_default("rho", self._check_group_value("rho", rho))
         self._filters: dict[str, KalmanFactors] = {}
+        #: This step's measurements (absorbed after the read-back, if finite), and the plans
+        #: of their filter updates between :meth:`_prepare` and :meth:`_commit`.
         self._pending: dict[str, Measurement] = {}
         self._accepted: dict[str, bool] = {}
-        self._step_gain: dict[str, float] = {}
+        self._plans: dict[str, tuple[KalmanFactors, FilterPlan, list[float]]] = {}
 
     # ------------------------------------------------------------------ statistics
     def _new_accumulator(self, block: KroneckerBlock) -> KalmanAccumulator:
@@ -172,12 +159,12 @@ class RKalman(GRNGOptimizer):
             seed_fn=lambda: (
                 (self.seed * 65_537 + self.grng_step) * 4_099
                 + index
-                + 1_000_033 * (self._shard.rank if self._shard is not None else 0)
+                + 1_000_033 * (self._sharding.rank if self._sharding is not None else 0)
             ),
             need_g=self.observation_noise is None,
         )
 
-    def _refuses_block(self, block: KroneckerBlock) -> str | None:
+    def refusal(self, block: KroneckerBlock) -> str | None:
         if block.diagonal_input:
             return (
                 "RKalman filters a dense P_A (n_in × n_in), which for an embedding would be "
@@ -197,13 +184,15 @@ class RKalman(GRNGOptimizer):
     @property
     def filter_failures(self) -> int:
         """Filter updates rejected (non-finite or non-positive result) over all blocks."""
-        self._flush()
+        self._readback.flush()
         return sum(f.failures for f in self._filters.values())
 
-    def _update_block(self, key: str, block: KroneckerBlock, accumulator: Any) -> Tensor:
+    def _update_block(
+        self, key: str, block: KroneckerBlock, accumulator: Any, grads: StepGradients
+    ) -> Tensor:
         meas = accumulator.measurement(LossReduction(self.loss_reduction) is LossReduction.MEAN)
         finite = meas.finite_mask()
-        # Absorbed after the step's read-back, and only if finite (see _refresh).
+        # Absorbed after the step's read-back, and only if finite (see _commit).
         self._pending[key] = meas
         self._note(finite, lambda value: self._accepted.__setitem__(key, bool(value)))
         return finite
@@ -214,55 +203,48 @@ class RKalman(GRNGOptimizer):
             return float(max(meas.samples, 1))
         return 1.0
 
-    def _noise_weight(self, group: dict[str, Any], grad_sq_norm: float | Tensor) -> Any:
-        """``1/(1 + ρ‖g‖²)`` in ``"noise"`` mode (the batch's information and mean step)."""
-        if self.rho_mode is RhoMode.NOISE and group["rho"] > 0.0:
-            return 1.0 / (1.0 + group["rho"] * grad_sq_norm)
-        return 1.0
+    def _gr(self, group: dict[str, Any], grads: StepGradients) -> tuple[Any, Any]:
+        """``(information weight, GR curvature)`` of this batch (``optim/damping.py``)."""
+        return kalman_gr(group["rho"], self.rho_mode, grads.sq)
 
-    def _gr_damping(self, group: dict[str, Any], grad_sq_norm: float | Tensor) -> Any:
-        """``ρ‖g‖²`` in ``"damping"`` mode (the GR curvature absorbed with the batch), else 0."""
-        if self.rho_mode is RhoMode.DAMPING and group["rho"] > 0.0:
-            return group["rho"] * grad_sq_norm
-        return 0.0
+    def _reported_damping(self, group: dict[str, Any]) -> float | Tensor:
+        """The product floor of the last update, ``(λ + ρ‖g‖²)·boost`` (absolute units)."""
+        grad_sq = self._readback.grad_sq_host
+        _, gr = kalman_gr(group["rho"], self.rho_mode, grad_sq if grad_sq == grad_sq else 0.0)
+        return (group["damping"] + gr) * self.damping_boost
 
-    def _effective_damping(self, group: dict[str, Any], grad_sq_norm: float | Tensor) -> Any:
-        """The product floor of this update, ``λ (+ ρ‖g‖²)``, times the failure boost."""
-        return (group["damping"] + self._gr_damping(group, grad_sq_norm)) * self.damping_boost
-
-    def _refresh(self, grad_sq_norm: Tensor) -> None:
-        """Runs the filter update of every block measured this step.
-
-        In two halves around the step's single read-back: :meth:`KalmanFactors.prepare` on the
-        device for every block (its floor plan is read back with the step's flags), then
-        :meth:`KalmanFactors.commit` with the host values. A result that is not sane keeps the
-        last good state on the device; it is counted (and the damping raised) at the next
-        read-back.
-        """
+    def _prepare(self, grads: StepGradients) -> None:
+        """The device half of every measured block's filter update
+        (:meth:`KalmanFactors.prepare`); its plan's host values are read back with the step's.
+        A result that is not sane keeps the last good state on the device; it is counted (and
+        the damping raised) at the next read-back."""
         pending, self._pending = self._pending, {}
         group_of = {p: g for g in self.param_groups for p in g["params"]}
-        plans: dict[str, tuple[KalmanFactors, dict[str, Any], list[float]]] = {}
+        self._plans = {}
         for key, meas in pending.items():
             block = self._blocks[key]
             group = group_of[block.weight]
+            weight, gr_damping = self._gr(group, grads)
             state = self._filters.get(key)
             if state is None:
                 state = KalmanFactors(working_dtype(block.weight.dtype))
             plan = state.prepare(
                 meas,
-                information=self._information(meas) * self._noise_weight(group, grad_sq_norm),
+                information=self._information(meas) * weight,
                 forgetting=self.forgetting,
                 damping=group["damping"] * self.damping_boost,
-                gr_damping=self._gr_damping(group, grad_sq_norm) * self.damping_boost,
+                gr_damping=gr_damping * self.damping_boost,
                 prior_count=self.prior_count,
                 observation_noise=self.observation_noise,
             )
             values: list[float] = []
-            for tensor in plan["readback"]:
+            for tensor in plan.readback():
                 self._note(tensor, values.append)
-            plans[key] = (state, plan, values)
-        if not self._settle():
-            return
+            self._plans[key] = (state, plan, values)
+
+    def _commit(self, grads: StepGradients) -> None:
+        """The host half: each finite measurement's update is applied with its plan's values."""
+        plans, self._plans = self._plans, {}
         accepted, self._accepted = self._accepted, {}
         for key, (state, plan, values) in plans.items():
             if not accepted.get(key, False):
@@ -272,7 +254,7 @@ class RKalman(GRNGOptimizer):
                 self._filters[key] = state
             self._note(ok, self._filter_outcome(state, plan))
 
-    def _filter_outcome(self, state: KalmanFactors, plan: dict[str, Any]) -> Any:
+    def _filter_outcome(self, state: KalmanFactors, plan: FilterPlan) -> Any:
         def book(ok: float) -> None:
             if not state.finish(plan, bool(ok)):
                 # The last good filter was kept; make the next update better conditioned.
@@ -282,7 +264,12 @@ class RKalman(GRNGOptimizer):
 
     # ------------------------------------------------------------------ the mean step
     def _precondition_block(
-        self, key: str, block: KroneckerBlock, V: Tensor, group: dict[str, Any], grad_sq: Tensor
+        self,
+        key: str,
+        block: KroneckerBlock,
+        V: Tensor,
+        group: dict[str, Any],
+        grads: StepGradients,
     ) -> Tensor | None:
         state = self._filters.get(key)
         if state is None or not state.ready:
@@ -290,7 +277,8 @@ class RKalman(GRNGOptimizer):
         if not state.count > 0.0:
             return None
         # A non-finite gain gives a non-finite direction: the base falls back to the gradient.
-        return state.precondition(V).mul_(self._noise_weight(group, grad_sq) / state.count)
+        weight, _ = self._gr(group, grads)
+        return state.precondition(V).mul_(weight / state.count)
 
     # ------------------------------------------------------------------ checkpoints
     def _block_state(self, key: str) -> dict[str, Any]:
@@ -318,5 +306,4 @@ class RKalman(GRNGOptimizer):
         return self._filters
 
     def _reduce_statistics(self, capture: Any) -> None:
-        self._shard.bind(self._blocks)
-        self._shard.gather_kalman_statistics(self._blocks, capture.accumulators)
+        self._sharding_bound().gather_kalman_statistics(self._blocks, capture.accumulators)

@@ -44,10 +44,16 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     ),
     "RING-kfac-absolute": (
         "RING",
-        dict(preconditioner="kfac", inverse="eigh", damping_mode="absolute", damping=1e-2,
-             rho=0.1, lr=0.05),
+        dict(
+            preconditioner="kfac",
+            inverse="eigh",
+            damping_mode="absolute",
+            damping=1e-2,
+            rho=0.1,
+            lr=0.05,
+        ),
         {},
-    ),  # fmt: skip
+    ),
     "RENG-eigen": ("RENG", dict(rho=0.3), {"rho": 0.0}),
     "RENG-eigen-busy": ("RENG", dict(rho=0.3, curvature_every=1, inverse_every=3), {}),
     "RENG-kfac": ("RENG", dict(preconditioner="kfac", lr=0.05, rho=0.3), {}),
@@ -143,7 +149,9 @@ def main() -> None:
     else:
         golden = torch.load(PATH)
         for name, weights in results.items():
-            err = max((a - b).abs().max().item() for a, b in zip(weights, golden[name]))
+            err = max(
+                (a - b).abs().max().item() for a, b in zip(weights, golden[name], strict=True)
+            )
             print(f"{name:22s} max |Δ| = {err:.3g}")
 
 

@@ -1,0 +1,85 @@
+"""Constructor arguments: each described once, for every optimizer that takes it.
+
+The optimizers keep explicit signatures (LightningCLI and IDEs read them); :func:`documented`
+writes each class's ``Args:`` section from its signature and :data:`DESCRIPTIONS`, so
+``help(lg.RING)`` and ``--optimizer.help grng.RING`` list every argument with one line of
+plain text (no markup), and :func:`hyperparameters` hands the arguments on without listing
+them a second time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound=type)
+
+#: What each argument means. A class overrides an entry with its own ``ARGUMENTS`` dict.
+DESCRIPTIONS: dict[str, str] = {
+    "params": "parameters or parameter groups (each group may set lr, momentum, "
+    "weight_decay, damping and rho).",
+    "lr": "learning rate. In the default eigen mode it has Adam's units (typically 0.01-0.03; "
+    "the update is invariant to the loss scale); in the kfac mode the KL-clip sets the step "
+    "length (typically 0.01-0.3).",
+    "momentum": "momentum on the preconditioned update, in [0, 1): an EMA m = mu*m + (1-mu)*U "
+    "in the eigen mode, heavy ball m = mu*m + U in the kfac mode.",
+    "weight_decay": "decoupled weight decay (w = w*(1 - lr*wd)), >= 0.",
+    "damping": "Tikhonov damping lambda > 0 in the units of damping_mode. None: the route's "
+    "default, 1e-4 in the eigen mode (relative to the mean second moment D) and 100 in the "
+    "kfac mode (relative to the mean eigenvalue of A x G).",
+    "damping_mode": "'relative' (default: gamma = lambda times each block's mean curvature, so "
+    "lambda is scale-free) or 'absolute' (gamma = lambda).",
+    "ema_decay": "decay of the Kronecker factors' moving averages, in [0, 1).",
+    "curvature_every": "gather the curvature statistics every this many steps.",
+    "inverse_every": "refresh the eigenbasis (eigen mode) or the inverses (kfac mode) every "
+    "this many steps; blocks are staggered over the period.",
+    "inverse": "how the kfac mode represents its inverse: 'eigh' (exact damping from "
+    "eigendecompositions) or 'newton' (warm-started Newton-Schulz inverses, matmuls only). "
+    "The eigen mode needs 'eigh'. None: 'eigh'.",
+    "newton_iters": "Newton-Schulz iterations of a cold-started inverse (the newton route).",
+    "kl_clip": "bound on the step's predicted KL change lr^2 * <U, g>; None disables it.",
+    "fisher": "'empirical' (statistics from the training loss's backward) or 'mc' (labels "
+    "sampled from the model; call optimizer.mc_fisher_backward(outputs)).",
+    "loss_reduction": "how the training loss reduces over samples, 'mean' or 'sum' (sets the "
+    "scale of the output-gradient factor G).",
+    "fallback": "update of parameters without a Kronecker block (norms, bare parameters): "
+    "'adam' (default) or 'sgd' (the raw gradient through momentum and the KL-clip).",
+    "fallback_lr": "the Adam fallback's learning rate as a multiple of the group's lr (it "
+    "follows the same schedule). None: the route's default, 1 in the eigen mode, 0.1 in the "
+    "kfac mode.",
+    "preconditioner": "'eigen' (default: the eigenbasis of A and G, each direction scaled by "
+    "a running second moment of the rotated gradient, docs/algorithms.md section 8) or 'kfac' "
+    "(the paper's (A x G + gamma*I)^-1).",
+    "beta2": "eigen mode: decay of the second moment D, in [0, 1).",
+    "power": "eigen mode: the step is (D + gamma + C_GR)^-power in the eigenbasis, in (0, 1] "
+    "(0.5: Adam's scaling; 1: the natural gradient's).",
+    "rho": "gradient-regularization strength rho >= 0.",
+    "gr_mode": "'double_backprop' (exact Hg; needs loss.backward(create_graph=True), "
+    "lightning_grng.regularized_backward or GRNGStrategy) or 'finite_difference' (one extra "
+    "forward/backward on the same batch; needs step(closure)).",
+    "fd_eps": "finite-difference step length eps*|g| (> 0).",
+}
+
+
+def documented(cls: T) -> T:
+    """Appends an ``Args:`` section for every argument of ``cls.__init__``, in signature order;
+    a class's own ``ARGUMENTS`` dict overrides :data:`DESCRIPTIONS`. An argument without a
+    description is an error, so none goes undocumented."""
+    own: dict[str, str] = getattr(cls, "ARGUMENTS", {})
+    lines = []
+    for name in inspect.signature(cls.__init__).parameters:
+        if name == "self":
+            continue
+        text = own.get(name, DESCRIPTIONS.get(name))
+        if text is None:
+            raise TypeError(f"{cls.__name__}.__init__ argument {name!r} has no description")
+        lines.append(textwrap.fill(f"{name}: {text}", 92, subsequent_indent="    "))
+    body = inspect.cleandoc(cls.__doc__ or "")
+    cls.__doc__ = body + "\n\nArgs:\n" + textwrap.indent("\n".join(lines), "    ") + "\n"
+    return cls
+
+
+def hyperparameters(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's ``locals()`` as the keyword arguments it was called with."""
+    return {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__")}

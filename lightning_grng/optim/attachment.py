@@ -1,0 +1,135 @@
+"""How an optimizer is bound to a model: the hooks of its blocks, the handles that hold them,
+and, under DDP, which rank owns which block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_grng.curvature.block import KroneckerBlock
+from lightning_grng.curvature.capture import CurvatureCapture
+
+
+class AttachmentMixin(Optimizer):
+    """The attachment half of :class:`~lightning_grng.GRNGOptimizer` (used by
+    :func:`lightning_grng.attach`, the Lightning callback and the DDP strategy)."""
+
+    # Provided by GRNGOptimizer; declared here for readers.
+    _blocks: dict[str, KroneckerBlock]
+    _capture: CurvatureCapture | None
+    _model: nn.Module | None
+    _handles: list[Any]
+    _frozen_at_attach: dict[Tensor, str]
+    _sharding: Any
+    _gate: Any
+
+    # ------------------------------------------------------------------ attaching
+    @property
+    def attached(self) -> bool:
+        return self._capture is not None
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model the hooks are attached to (None when detached)."""
+        return self._model
+
+    @property
+    def blocks(self) -> dict[str, KroneckerBlock]:
+        """The Kronecker blocks, keyed by the index of their weight in the optimizer."""
+        return self._blocks
+
+    @property
+    def handles(self) -> tuple[Any, ...]:
+        """The live :class:`~lightning_grng.CurvatureHandle` objects of the attachment."""
+        return tuple(self._handles)
+
+    def refusal(self, block: KroneckerBlock) -> str | None:
+        """Why this optimizer cannot use ``block`` (its parameters then get the fallback), or
+        None. Every block is usable by default."""
+        return None
+
+    def _new_accumulator(self, block: KroneckerBlock) -> Any:
+        raise NotImplementedError
+
+    def attach_hooks(
+        self,
+        model: nn.Module,
+        blocks: dict[str, KroneckerBlock],
+        frozen: dict[Tensor, str] | None = None,
+        grad_scaler: Any = None,
+    ) -> CurvatureCapture:
+        """Registers the hooks of ``blocks`` (called by :func:`lightning_grng.attach`).
+
+        A curvature state loaded before attaching is applied now; if it does not fit the
+        model, nothing is attached and the optimizer is left as it was before that load.
+        """
+        self._apply_pending_state(blocks)
+        self._model = model
+        self._frozen_at_attach = dict(frozen or {})
+        accumulators = {key: self._new_accumulator(block) for key, block in blocks.items()}
+        self._capture = CurvatureCapture(blocks, accumulators, self._gate, owner=self)
+        self._capture.register(model)
+        self._gate.wanted = self._curvature_due()
+        self._gate.grad_scaler = grad_scaler
+        return self._capture
+
+    def add_handle(self, handle: Any) -> None:
+        self._handles.append(handle)
+
+    def release(self, handle: Any) -> None:
+        """One handle is removed; the hooks go when no handle of this attachment is left."""
+        if handle not in self._handles:
+            return
+        self._handles.remove(handle)
+        if not self._handles:
+            self.detach_hooks()
+
+    def detach_hooks(self) -> None:
+        """Removes every hook; the curvature state stays (re-attaching resumes)."""
+        if self._capture is not None:
+            self._capture.remove()
+        self._capture = None
+        self._model = None
+        self._handles.clear()
+
+    def _require_attached(self) -> CurvatureCapture:
+        if self._capture is None:
+            name = type(self).__name__
+            raise RuntimeError(
+                f"{name} has no curvature hooks: call `lightning_grng.attach(model, optimizer)` "
+                "before training in plain PyTorch, or add `lightning_grng.GRNGCallback()` to the "
+                "Trainer's callbacks (it is added automatically when lightning-grng is installed)."
+            )
+        return self._capture
+
+    # ------------------------------------------------------------------ sharding (DDP)
+    def use_sharding(self, sharding: Any) -> None:
+        """Shards the curvature over ranks (:class:`~lightning_grng.distributed.Sharding`; set
+        by :class:`~lightning_grng.GRNGDDPStrategy`); None or one rank: a single process."""
+        self._sharding = sharding if sharding is not None and sharding.world_size > 1 else None
+
+    def _sharding_bound(self) -> Any:
+        """The sharding, bound to the current blocks; None in a single process."""
+        if self._sharding is not None:
+            self._sharding.bind(self._blocks)
+        return self._sharding
+
+    def _owns(self, key: str) -> bool:
+        """Whether this process keeps block ``key``'s curvature (always, in one process)."""
+        sharding = self._sharding_bound()
+        return sharding is None or bool(sharding.owns(key))
+
+    def _reduce_statistics(self, capture: CurvatureCapture) -> None:
+        """Brings every block's statistics of all ranks to its owner (DDP only)."""
+        self._sharding_bound().reduce_factor_statistics(self._blocks, capture.accumulators)
+
+    def factor_bytes(self) -> int:
+        """Bytes of the curvature tensors this process holds (factors, inverses, filters)."""
+        return sum(
+            v.numel() * v.element_size()
+            for key in self._blocks
+            for v in self._block_state(key).values()
+            if isinstance(v, Tensor)
+        )

@@ -1,0 +1,106 @@
+"""The last stages of every step, as free functions with explicit arguments: the KL-clip,
+momentum, decoupled weight decay and lr; and the Adam fallback for parameters without a
+block. (The math of ``torch.optim.adam``'s functional form, for preconditioned directions.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_grng.optim.fallback import adam_direction
+
+
+def device_total(values: Iterable[Tensor]) -> Tensor:
+    """Sum of scalar tensors as a float64 tensor on the device of the first (no host sync)."""
+    items = list(values)
+    if not items:
+        return torch.zeros((), dtype=torch.float64)
+    device = items[0].device
+    return torch.stack([v.to(device=device, dtype=torch.float64) for v in items]).sum()
+
+
+def kl_clip_scale(
+    clip: float | None,
+    directions: dict[Tensor, Tensor],
+    grad_of: dict[Tensor, Tensor],
+    group_of: dict[Tensor, dict[str, Any]],
+) -> float | Tensor:
+    """KL-clip: ``min(1, sqrt(c / Σ lr² ⟨U, g⟩))`` over the parameters in ``grad_of``; bounds
+    the step's predicted KL change. A float64 0-dim tensor on the device (no host sync); 1
+    where ``Σ`` is 0 or not finite, and the float 1.0 without a clip."""
+    if clip is None:
+        return 1.0
+    vg = device_total(
+        group_of[p]["lr"] ** 2 * (directions[p].double() * g.double()).sum()
+        for p, g in grad_of.items()
+    ).abs()
+    usable = (vg > 0.0) & torch.isfinite(vg)
+    scale = torch.sqrt(clip / torch.where(usable, vg, torch.ones_like(vg)))
+    return torch.where(usable, scale.clamp(max=1.0), torch.ones_like(vg))
+
+
+class KLBindCounter:
+    """How often the KL-clip binds: ``kl_clip_bound`` (this step's scale < 1, as 0/1) and
+    ``kl_clip_bind_rate`` (the fraction of such steps since construction), on the device."""
+
+    def __init__(self) -> None:
+        self._bound: Tensor | None = None
+        self._steps = 0
+
+    def count(self, scale: float | Tensor) -> dict[str, float | Tensor]:
+        """Counts one step; empty without a clip (``scale`` a float)."""
+        if not isinstance(scale, Tensor):
+            return {}
+        bound = (scale < 1.0).to(torch.float64)
+        self._bound = bound if self._bound is None else self._bound.to(bound.device) + bound
+        self._steps += 1
+        return {"kl_clip_bound": bound, "kl_clip_bind_rate": self._bound / self._steps}
+
+
+def apply_directions(
+    param_groups: list[dict[str, Any]],
+    state: dict[Tensor, dict[str, Any]],
+    directions: dict[Tensor, Tensor],
+    scale: float | Tensor,
+    momentum_ema: bool,
+) -> None:
+    """``θ ← θ(1 − lr·wd) − lr·m`` with ``m ← μm + U`` (heavy ball) or ``m ← μm + (1 − μ)U``
+    (``momentum_ema``: the step keeps U's units); U = ``scale`` × the direction."""
+    for group in param_groups:
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for p in group["params"]:
+            if p not in directions:
+                continue
+            update = directions[p].to(p.dtype).mul(scale)
+            if mu > 0.0:
+                buf = state[p].get("momentum_buffer")
+                if buf is None:
+                    state[p]["momentum_buffer"] = buf = update.clone()
+                else:
+                    buf.mul_(mu).add_(update, alpha=1.0 - mu if momentum_ema else 1.0)
+                update = buf
+            if wd > 0.0:
+                p.mul_(1.0 - lr * wd)
+            p.add_(update, alpha=-lr)
+
+
+def apply_fallback(
+    params: list[Tensor],
+    state: dict[Tensor, dict[str, Any]],
+    grad_of: dict[Tensor, Tensor],
+    group_of: dict[Tensor, dict[str, Any]],
+    lr_multiple: float,
+) -> None:
+    """The Adam fallback (``optim/fallback.py``) at ``lr_multiple`` × the group's lr, with
+    decoupled weight decay, for parameters without a preconditioned direction."""
+    for p in params:
+        group = group_of[p]
+        lr = group["lr"] * lr_multiple
+        direction = adam_direction(state[p], grad_of[p].to(p.dtype))
+        if group["weight_decay"] > 0.0:
+            p.mul_(1.0 - lr * group["weight_decay"])
+        p.add_(direction, alpha=-lr)
