@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import signal
 import subprocess
 import sys
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import lightning_grng as lg
+from lightning_grng.optim.arguments import DESCRIPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -63,10 +67,23 @@ def test_cli_full_class_path_without_strategy_falls_back_and_says_so(tmp_path):
     assert "extra local backward" in run.stderr + run.stdout
 
 
-def test_cli_optimizer_help_comes_from_docstrings():
-    run = _cli("fit", "--optimizer.help", "grng.RING")
+@pytest.mark.parametrize("name", ["KFAC", "RING", "RENG", "RKalman"])
+def test_cli_optimizer_help_lists_every_argument_in_plain_text(name):
+    """Every constructor argument with its default and a description, and no reST markup."""
+    run = _cli("fit", "--optimizer.help", f"grng.{name}")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "--optimizer.rho" in run.stdout and "gradient-regularization strength" in run.stdout
+    text = " ".join(run.stdout.split())  # argparse wraps lines
+    params = inspect.signature(getattr(lg, name).__init__).parameters
+    for arg in (a for a in params if a not in ("self", "params")):
+        assert f"--optimizer.{arg} " in run.stdout, arg
+        assert DESCRIPTIONS.get(arg, "")[:30] in text or arg in getattr(
+            getattr(lg, name), "ARGUMENTS", {}
+        )
+    assert "default: 0.02" in text or name == "RKalman"
+    for markup in ("``", ":class:", ":meth:", ":func:"):
+        assert markup not in run.stdout, markup
+    if name == "RING":
+        assert "gradient-regularization strength" in text and "Adam's units" in text
 
 
 def test_cli_invalid_hyperparameter_is_one_clear_message(tmp_path):

@@ -159,7 +159,9 @@ class KalmanAccumulator:
         root = math.sqrt(factor)
         self.g_parts = [part * root for part in self.g_parts]
 
-    def _join(self, parts: list[Tensor]) -> Tensor:
+    def join(self, parts: list[Tensor]) -> Tensor:
+        """One pass's vectors from several parts (passes or ranks): sketches are summed,
+        sampled rows concatenated."""
         if len(parts) == 1:
             return parts[0]
         if self.method is MeasurementMethod.SKETCH:
@@ -173,13 +175,13 @@ class KalmanAccumulator:
         (``N·Σ δδᵀ`` for a mean-reduced loss over N samples, ``Σ δδᵀ / N`` for a sum)."""
         assert self.a_trace is not None
         rows = max(self.a_rows, 1)
-        U_A = self._join(self.a_parts) / math.sqrt(rows)
+        U_A = self.join(self.a_parts) / math.sqrt(rows)
         trace_A = self.a_trace / rows
         U_G = trace_G = None
         if self.need_g:
             assert self.g_trace is not None
             n = max(self.g_samples, 1)
             scale = float(n) if mean_reduction else 1.0 / n
-            U_G = self._join(self.g_parts) * math.sqrt(scale)
+            U_G = self.join(self.g_parts) * math.sqrt(scale)
             trace_G = self.g_trace * scale
         return Measurement(U_A, U_G, trace_A, trace_G, self.n_out, self.g_samples)

@@ -27,7 +27,7 @@ from lightning_grng.distributed.assignment import assign_owners, block_cost
 class Sharding:
     """Where this process stands: rank, world size, process group and the block owners.
 
-    Set on an optimizer as ``optimizer._shard`` by :class:`~lightning_grng.GRNGDDPStrategy`
+    Set on an optimizer with ``optimizer.use_sharding(...)`` by :class:`~lightning_grng.GRNGDDPStrategy`
     (``None`` means one process: the optimizer then never communicates).
 
     Attributes:
@@ -135,7 +135,7 @@ class Sharding:
         def raw(acc: KalmanAccumulator, parts: list[Tensor], b: KroneckerBlock, n: int) -> Tensor:
             if not parts:
                 return torch.zeros(b.groups, n, 0, dtype=dtype, device=device)
-            return acc._join(parts).to(dtype)
+            return acc.join(parts).to(dtype)
 
         local = {}
         for key in keys:

@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -22,6 +23,8 @@ from lightning_grng.optim.base import GRNGOptimizer
 
 #: Callbacks that run training steps from their own ``on_fit_start``.
 _TUNERS = (LearningRateFinder, BatchSizeFinder)
+#: Strategies that shard the parameters and gradients or hand the optimizer flattened copies.
+_SHARDING = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 class GRNGCallback(Callback):
@@ -91,6 +94,7 @@ class GRNGCallback(Callback):
         self._active = first is self
         if not self._active:
             return
+        self._refuse_sharding(trainer)
         # fp16 AMP: the precision plugin's GradScaler scales the loss the hooks see.
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         # Lightning divides each micro-batch's loss by accumulate_grad_batches (automatic
@@ -103,6 +107,29 @@ class GRNGCallback(Callback):
                 continue
             handle = attach(pl_module, optimizer, grad_scaler=scaler, report=trainer.is_global_zero)
             self._handles.append(handle)
+
+    @staticmethod
+    def _refuse_sharding(trainer: pl.Trainer) -> None:
+        """FSDP, DeepSpeed and ModelParallel split each weight and its gradient across processes
+        (or give the optimizer flattened copies), so no Kronecker block would see a layer whole:
+        refused before the first step rather than trained wrong."""
+        if not isinstance(trainer.strategy, _SHARDING):
+            return
+        found = []
+        for optimizer in trainer.optimizers:
+            seen: set[int] = set()  # DeepSpeed nests the client optimizer in its own
+            while not isinstance(optimizer, GRNGOptimizer) and id(optimizer) not in seen:
+                seen.add(id(optimizer))
+                optimizer = getattr(optimizer, "optimizer", optimizer)
+            if isinstance(optimizer, GRNGOptimizer):
+                found.append(type(optimizer).__name__)
+        if found:
+            raise MisconfigurationException(
+                f"{' and '.join(found)} cannot train under {type(trainer.strategy).__name__}, "
+                "which splits every weight and gradient across processes, so no Kronecker block "
+                "would see a whole layer: use strategy=lightning_grng.GRNGDDPStrategy() for "
+                "several processes (GRNGStrategy, or the default strategy, on one device)."
+            )
 
     def _check_tuners_can_regularize(self, trainer: pl.Trainer) -> None:
         """A tuner's steps run without callbacks, so this callback cannot add RENG's
