@@ -30,6 +30,8 @@ class Coverage:
         layers: number of Kronecker blocks.
         fallback: ``'name' (Type)`` of every module whose parameters get the fallback update.
         update: how the fallback update is named.
+        summary: the fallback modules counted by type (``"20 × BatchNorm2d"``), the root
+            module's own parameters by name; what the coverage line and the warning say.
     """
 
     optimizer: str
@@ -38,17 +40,39 @@ class Coverage:
     layers: int
     update: str
     fallback: list[str] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
 
     @property
     def share(self) -> float:
         return self.covered / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        rest = ", ".join(self.fallback) if self.fallback else "none"
+        rest = ", ".join(self.summary) if self.summary else "none"
+        blocks = "1 block" if self.layers == 1 else f"{self.layers} blocks"
         return (
             f"{self.optimizer}: Kronecker blocks cover {self.share:.1%} of {self.total:,} "
-            f"trainable parameters ({self.layers} layers); fallback ({self.update}): {rest}"
+            f"trainable parameters ({blocks}); fallback ({self.update}): {rest}"
         )
+
+
+def _summarize(entries: list[tuple[str, str, list[str], list[str]]]) -> list[str]:
+    """``(module name, type, reasons, own parameter names)`` of the fallback modules as
+    ``"k × Type (reason)"`` per type, in order of appearance, and the root's parameters by name."""
+    kinds: dict[str, tuple[int, list[str]]] = {}
+    root: list[str] = []
+    for name, kind, why, own in entries:
+        if not name:
+            root = own
+            continue
+        count, reasons = kinds.get(kind, (0, []))
+        kinds[kind] = (count + 1, reasons + [r for r in why if r not in reasons])
+    out = [
+        f"{count} × {kind}" + (f" ({'; '.join(reasons)})" if reasons else "")
+        for kind, (count, reasons) in kinds.items()
+    ]
+    if root:
+        out.append("root parameters: " + ", ".join(root))
+    return out
 
 
 class CurvatureHandle:
@@ -98,6 +122,17 @@ def _refuse_lazy(model: nn.Module, optimizer: GRNGOptimizer) -> None:
                 "initialized yet: run one forward pass (e.g. model(example_batch)) before "
                 "attach(), so its weight has a shape."
             )
+
+
+def _refuse_foreign(model: nn.Module, optimizer: GRNGOptimizer) -> None:
+    """An optimizer over none of the model's parameters would train nothing."""
+    mine = set(optimizer.flat_params())
+    if mine and not any(p in mine for p in model.parameters()):
+        raise ValueError(
+            f"attach(): the {type(optimizer).__name__} holds none of the parameters of "
+            f"{type(model).__name__}, so nothing would train; build it from this model's "
+            "parameters (e.g. RING(model.parameters()))."
+        )
 
 
 def _refuse_overlap(model: nn.Module, optimizer: GRNGOptimizer) -> None:
@@ -183,6 +218,7 @@ def attach(
             "handle.remove() on the first handle before attaching again."
         )
     _refuse_lazy(model, optimizer)
+    _refuse_foreign(model, optimizer)
     _refuse_overlap(model, optimizer)
     skip = set(skip_modules)
     index = {p: i for i, p in enumerate(optimizer.flat_params())}
@@ -239,17 +275,25 @@ def attach(
             UserWarning,
             stacklevel=2,
         )
-    unsupported = [
-        f"'{name or '<root>'}' ({type(module).__name__}"
-        + "".join(f"; {reason}" for reason in reasons.get(name, []))
-        + ")"
+    fallback_modules = [
+        (name, type(module).__name__, reasons.get(name, []), own)
         for name, module in model.named_modules()
         if name not in tied_modules
-        and any(
-            p in index and p.requires_grad and p not in covered and p not in shared
-            for p in module.parameters(recurse=False)
+        and (
+            own := [
+                pname
+                for pname, p in module.named_parameters(recurse=False)
+                if p in index and p.requires_grad and p not in covered and p not in shared
+            ]
         )
     ]
+    unsupported = [
+        f"'{name or '<root>'}' ({kind}" + "".join(f"; {reason}" for reason in why) + ")"
+        for name, kind, why, _ in fallback_modules
+    ]
+    summary = _summarize(fallback_modules)
+    if tied_modules:
+        summary.append(f"{len(tied_modules)} × tied ({', '.join(sorted(tied_modules))})")
     trainable = {p for p in index if p.requires_grad}
     coverage = Coverage(
         optimizer=type(optimizer).__name__,
@@ -258,11 +302,13 @@ def attach(
         layers=len(blocks),
         update=fallback_update,
         fallback=[*unsupported, *(f"'{n}' (tied)" for n in sorted(tied_modules))],
+        summary=summary,
     )
     if unsupported:
         warnings.warn(
-            f"{type(optimizer).__name__}: no Kronecker block for {', '.join(unsupported)}; "
-            f"their parameters get the fallback update ({fallback_update}).",
+            f"{type(optimizer).__name__}: no Kronecker block for "
+            f"{', '.join(_summarize(fallback_modules))}; their parameters get the fallback "
+            f"update ({fallback_update}); handle.coverage.fallback names each module.",
             UserWarning,
             stacklevel=2,
         )

@@ -198,21 +198,27 @@ def test_reng_finite_difference_needs_a_closure():
         opt.step()
 
 
-def test_unsupported_modules_get_one_warning_naming_them():
-    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.LayerNorm(4), nn.Linear(4, 2))
+def test_unsupported_modules_get_one_warning_summarizing_them_by_type():
+    model = nn.Sequential(
+        nn.Embedding(10, 4, max_norm=1.0), nn.LayerNorm(4), nn.LayerNorm(4), nn.Linear(4, 2)
+    )
     model.register_parameter("temperature", nn.Parameter(torch.ones(())))
     opt = lg.KFAC(model.parameters())
     with pytest.warns(UserWarning) as record:
-        lg.attach(model, opt)
+        handle = lg.attach(model, opt)
     messages = [str(w.message) for w in record if "no Kronecker block" in str(w.message)]
     assert len(messages) == 1
-    for name in (
-        "'0' (Embedding; max_norm",
-        "'1' (LayerNorm)",
-        "'<root>' (Sequential)",
-        "fallback",
+    for part in (
+        "no Kronecker block for 1 × Embedding (max_norm",
+        "2 × LayerNorm, root parameters: temperature;",
+        "fallback update",
     ):
-        assert name in messages[0]
+        assert part in messages[0]
+    assert "<root>" not in messages[0] and "'1'" not in messages[0]
+    assert "(1 block)" in str(handle.coverage) and "2 × LayerNorm" in str(handle.coverage)
+    # the names are still there for whoever wants them
+    assert "'1' (LayerNorm)" in handle.coverage.fallback
+    assert "'<root>' (Sequential)" in handle.coverage.fallback
     # the fallback really updates them
     before = model[0].weight.detach().clone()
     nn.functional.cross_entropy(model(torch.tensor([1, 2])), torch.tensor([0, 1])).backward()

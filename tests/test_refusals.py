@@ -5,6 +5,7 @@ optimizer, rejected statistics, unfrozen layers, repeated attach, overlapping op
 from __future__ import annotations
 
 import copy
+import logging
 import pickle
 import warnings
 from functools import partial
@@ -261,3 +262,32 @@ def test_two_grng_optimizers_over_one_parameter_are_refused(shared):
         with pytest.raises(ValueError, match="RING and the attached KFAC both optimize"):
             lg.attach(model, second)
     assert not second.attached
+
+
+def test_attach_refuses_an_optimizer_over_none_of_the_models_parameters():
+    model, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="holds none of the parameters of Linear, so nothing"):
+        lg.attach(model, lg.RING(other.parameters()))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"preconditioner": "kfac"}])
+def test_an_absurd_rho_is_warned_about_with_the_reason(kwargs):
+    with pytest.warns(UserWarning, match="training would stand still"):
+        lg.RING(nn.Linear(3, 2).parameters(), rho=1e30, **kwargs)
+    opt = lg.RING(nn.Linear(3, 2).parameters(), rho=1.0, **kwargs)  # no warning
+    with pytest.warns(UserWarning, match="rho=1e\\+12"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "rho": 1e12})
+
+
+def test_a_refresh_of_very_wide_factors_says_so_once(caplog):
+    model = nn.Linear(2048, 2)
+    opt = lg.KFAC(model.parameters(), curvature_every=1, inverse_every=1)
+    lg.attach(model, opt, report=False)
+    x, y = torch.randn(4, 2048), torch.randint(0, 2, (4,))
+    with caplog.at_level(logging.INFO, logger="lightning_grng"):
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    said = [r.getMessage() for r in caplog.records if "factors up to" in r.getMessage()]
+    assert len(said) == 1 and "2049 wide" in said[0] and "O(n³)" in said[0]

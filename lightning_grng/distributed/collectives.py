@@ -27,8 +27,9 @@ from lightning_grng.distributed.assignment import assign_owners, block_cost
 class Sharding:
     """Where this process stands: rank, world size, process group and the block owners.
 
-    Set on an optimizer with ``optimizer.use_sharding(...)`` by :class:`~lightning_grng.GRNGDDPStrategy`
-    (``None`` means one process: the optimizer then never communicates).
+    Set on an optimizer with ``optimizer.use_sharding(...)`` by
+    :class:`~lightning_grng.GRNGDDPStrategy` (``None`` means one process: the optimizer then
+    never communicates).
 
     Attributes:
         rank: this process's rank in ``group``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any, ClassVar
@@ -18,6 +19,12 @@ from lightning_grng.optim.base import GRNGOptimizer, ParamsT, StepGradients
 from lightning_grng.optim.damping import DampingArgs, DampingMode
 from lightning_grng.optim.routes import Due, Preconditioner, Route, route_for
 from lightning_grng.optim.validation import check_choice, check_int, check_range
+
+log = logging.getLogger("lightning_grng")
+
+#: A factor at least this wide makes a refresh slow enough on a CPU to be announced (eigh of a
+#: 2048-wide factor takes about 2 s on two cores, O(n³)).
+WIDE_FACTOR = 2048
 
 
 @documented
@@ -37,7 +44,7 @@ class KFAC(GRNGOptimizer):
     """
 
     #: The kfac mode's ``inverse`` when None is given (RING's is Newton–Schulz).
-    default_inverse: ClassVar[InverseMethod] = InverseMethod.EIGH
+    kfac_inverse: ClassVar[InverseMethod] = InverseMethod.EIGH
     #: Whether ρ enters the damping (RING); KFAC has no ρ, RENG's enters its gradient.
     gr_as_damping: ClassVar[bool] = False
 
@@ -72,7 +79,7 @@ class KFAC(GRNGOptimizer):
         )
         inverse = hp.pop("inverse")
         inverse = None if inverse is None else check_choice(name, "inverse", inverse, InverseMethod)
-        route_cls = route_for(name, self.preconditioner, inverse, self.default_inverse)
+        route_cls = route_for(name, self.preconditioner, inverse, self.kfac_inverse)
         self.route: Route = route_cls(
             beta2=check_range(name, "beta2", hp.pop("beta2"), 0.0, 1.0, high_open=True),
             power=check_range(name, "power", hp.pop("power"), 0.0, 1.0, low_open=True),
@@ -190,10 +197,30 @@ class KFAC(GRNGOptimizer):
                 continue
             if not factors.ready or self._refresh_due(index, block):
                 due.append(Due(block, factors, self._damping(block, group_of[block.weight], grads)))
+        self._announce_wide(due)
         for d, failed in zip(due, self.route.refresh(due, self._readback.step_ok), strict=True):
             self._note(failed, self._count_inverse_failure)
             if d.factors.unusable is not None:
                 self._note(d.factors.unusable, self._cold_start_setter(d.factors))
+
+    def _announce_wide(self, due: list[Due]) -> None:
+        """Says once, with the sizes, that a refresh decomposes very wide factors (the first
+        step of a ResNet's 4608-wide conv factors takes tens of seconds on a CPU)."""
+        wide = [(max(d.block.n_in, d.block.n_out), d.block.name) for d in due]
+        wide = [(n, name) for n, name in wide if n >= WIDE_FACTOR]
+        if not wide or "wide" in self._warned:
+            return
+        self._warned.add("wide")
+        width, name = max(wide)
+        log.info(
+            "%s: refreshing %d Kronecker block(s) with factors up to %d wide (the widest: "
+            "'%s'); a decomposition is O(n³), so this step may take a while. Later refreshes "
+            "are staggered over inverse_every steps.",
+            type(self).__name__,
+            len(wide),
+            width,
+            name,
+        )
 
     def _count_inverse_failure(self, failed: float) -> None:
         if failed:

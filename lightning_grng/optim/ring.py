@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, ClassVar
 
 from lightning_grng.curvature.kronecker import InverseMethod
@@ -32,7 +34,7 @@ class RING(KFAC):
     }
     #: The kfac mode's inverse when None is given: Newton–Schulz measured better on
     #: Fashion-MNIST there (``docs/defaults.md``).
-    default_inverse: ClassVar[InverseMethod] = InverseMethod.NEWTON
+    kfac_inverse: ClassVar[InverseMethod] = InverseMethod.NEWTON
     gr_as_damping: ClassVar[bool] = True
     ARGUMENTS: ClassVar[dict[str, str]] = {
         "rho": "gradient-regularization strength rho >= 0. None: the route's default, 0.1 in "
@@ -73,3 +75,26 @@ class RING(KFAC):
         super()._configure(params, hp)
         rho = self.route.ring_rho if rho is None else rho
         self._add_group_default("rho", self._check_group_value("rho", rho))
+        for group in self.param_groups:
+            self._warn_if_frozen(group["rho"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "route"):  # not while the constructor builds the groups
+            self._warn_if_frozen(self.param_groups[-1].get("rho", 0.0))
+
+    def _warn_if_frozen(self, rho: float) -> None:
+        """A ρ 10⁴ times the route's default makes the GR term dominate the curvature, so the
+        step shrinks toward nothing (in the eigen mode like ``1/sqrt(1 + ρ·R²/D)``)."""
+        typical = self.route.ring_rho
+        if rho <= 1e4 * typical:
+            return
+        warnings.warn(
+            f"RING: rho={rho:g} is {rho / typical:.0e} times the default {typical:g} of the "
+            f"{self.route.name} route: the gradient-regularization curvature then dominates "
+            f"the damping and shrinks every step (by about {1 / math.sqrt(1 + rho):.0e} in the "
+            "eigen mode), so training would stand still; typical values are 0.01-1 (eigen) "
+            "or 1-100 (kfac).",
+            UserWarning,
+            stacklevel=4,
+        )
