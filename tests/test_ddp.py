@@ -27,7 +27,7 @@ from lightning_grng.distributed import assign_owners, block_cost, rank_loads
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "ddp_parity.py"
-OPTIMIZERS = ["KFAC", "RING", "RENG", "RKalman", "RING-eigen"]
+OPTIMIZERS = ["KFAC", "RING", "RENG", "RKalman", "RING-eigen", "RING-gradient"]
 #: Observed differences are <= 5e-15 (float64); the bound leaves room for other BLAS builds.
 ATOL = 1e-12
 

@@ -54,6 +54,9 @@ DESCRIPTIONS: dict[str, str] = {
     "beta2": "eigen mode: decay of the second moment D, in [0, 1).",
     "power": "eigen mode: the step is (D + gamma + C_GR)^-power in the eigenbasis, in (0, 1] "
     "(0.5: Adam's scaling; 1: the natural gradient's).",
+    "curvature": "where the Kronecker factors come from: 'kfac' (the paper's statistics of "
+    "layer inputs and output gradients, captured by hooks) or 'gradient' (Shampoo/SOAP "
+    "statistics G G^T and G^T G of each weight's gradient: no hooks; eigen mode only).",
     "rho": "gradient-regularization strength rho >= 0.",
     "gr_mode": "'double_backprop' (exact Hg; needs loss.backward(create_graph=True), "
     "lightning_grng.regularized_backward or GRNGStrategy) or 'finite_difference' (one extra "

@@ -45,6 +45,11 @@ class AttachmentMixin(Optimizer):
         """The live :class:`~lightning_grng.CurvatureHandle` objects of the attachment."""
         return tuple(self._handles)
 
+    @property
+    def captures_activations(self) -> bool:
+        """Whether the curvature comes from hooks on the layers (inputs, output gradients)."""
+        return True
+
     def refusal(self, block: KroneckerBlock) -> str | None:
         """Why this optimizer cannot use ``block`` (its parameters then get the fallback), or
         None. Every block is usable by default."""
@@ -68,8 +73,10 @@ class AttachmentMixin(Optimizer):
         self._apply_pending_state(blocks)
         self._model = model
         self._frozen_at_attach = dict(frozen or {})
-        accumulators = {key: self._new_accumulator(block) for key, block in blocks.items()}
-        self._capture = CurvatureCapture(blocks, accumulators, self._gate, owner=self)
+        # Gradient statistics need no hooks on the layers: the capture then observes no block.
+        observed = blocks if self.captures_activations else {}
+        accumulators = {key: self._new_accumulator(block) for key, block in observed.items()}
+        self._capture = CurvatureCapture(observed, accumulators, self._gate, owner=self)
         self._capture.register(model)
         self._gate.wanted = self._curvature_due()
         self._gate.grad_scaler = grad_scaler

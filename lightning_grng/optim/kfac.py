@@ -11,13 +11,14 @@ import torch
 from torch import Tensor
 
 from lightning_grng.curvature.block import KroneckerBlock
-from lightning_grng.curvature.capture import FactorAccumulator, LossReduction
+from lightning_grng.curvature.capture import CurvatureCapture, FactorAccumulator, LossReduction
+from lightning_grng.curvature.gradient import gradient_factors
 from lightning_grng.curvature.inverse import working_dtype
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
 from lightning_grng.optim.arguments import documented, hyperparameters
 from lightning_grng.optim.base import GRNGOptimizer, ParamsT, StepGradients
 from lightning_grng.optim.damping import DampingArgs, DampingMode
-from lightning_grng.optim.routes import Due, Preconditioner, Route, route_for
+from lightning_grng.optim.routes import CurvatureSource, Due, Preconditioner, Route, route_for
 from lightning_grng.optim.validation import check_choice, check_int, check_range
 
 log = logging.getLogger("lightning_grng")
@@ -69,6 +70,7 @@ class KFAC(GRNGOptimizer):
         preconditioner: str = "eigen",
         beta2: float = 0.95,
         power: float = 0.5,
+        curvature: str = "kfac",
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 
@@ -77,6 +79,16 @@ class KFAC(GRNGOptimizer):
         self.preconditioner = check_choice(
             name, "preconditioner", hp.pop("preconditioner"), Preconditioner
         )
+        self.curvature = check_choice(name, "curvature", hp.pop("curvature"), CurvatureSource)
+        if (
+            self.curvature is CurvatureSource.GRADIENT
+            and self.preconditioner is not Preconditioner.EIGEN
+        ):
+            raise ValueError(
+                f"{name}: curvature='gradient' gives factors in the gradient's units squared, "
+                "whose eigenbasis only the eigen mode uses; use preconditioner='eigen' with it, "
+                "or curvature='kfac' for preconditioner='kfac'."
+            )
         inverse = hp.pop("inverse")
         inverse = None if inverse is None else check_choice(name, "inverse", inverse, InverseMethod)
         route_cls = route_for(name, self.preconditioner, inverse, self.kfac_inverse)
@@ -118,6 +130,11 @@ class KFAC(GRNGOptimizer):
     @property
     def newton_iters(self) -> int:
         return self.route.newton_iters
+
+    @property
+    def captures_activations(self) -> bool:
+        """Gradient statistics need no hooks on the layers' inputs and output gradients."""
+        return self.curvature is CurvatureSource.KFAC
 
     def _new_accumulator(self, block: KroneckerBlock) -> FactorAccumulator:
         return FactorAccumulator(block.n_in if block.diagonal_input else None)
@@ -161,6 +178,23 @@ class KFAC(GRNGOptimizer):
             RuntimeWarning,
             stacklevel=6,
         )
+
+    def _absorb_statistics(self, capture: CurvatureCapture, grads: StepGradients) -> None:
+        """K-FAC statistics from the capture (the template's stage); gradient statistics from
+        each block's gradient matrix (every rank holds the averaged gradient under DDP, so the
+        owner needs no communication)."""
+        if self.curvature is CurvatureSource.KFAC:
+            super()._absorb_statistics(capture, grads)
+            return
+        for key, block in self._blocks.items():
+            params = block.params()
+            if not self._owns(key) or any(p not in grads.of for p in params):
+                continue
+            factors = self.factors(key)
+            V = block.to_matrix(*[grads.of[p] for p in params])
+            A, G = gradient_factors(V, block.diagonal_input, factors.dtype)
+            ok = factors.update(A, G, self.ema_decay, accept=self._readback.step_ok)
+            self._note(~ok, self._rejection_counter(block))
 
     def _update_block(
         self, key: str, block: KroneckerBlock, accumulator: Any, grads: StepGradients

@@ -73,6 +73,7 @@ class RENG(KFAC):
         preconditioner: str = "eigen",
         beta2: float = 0.95,
         power: float = 0.5,
+        curvature: str = "kfac",
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 

@@ -67,6 +67,7 @@ class RING(KFAC):
         preconditioner: str = "eigen",
         beta2: float = 0.95,
         power: float = 0.5,
+        curvature: str = "kfac",
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 

@@ -44,6 +44,16 @@ class Preconditioner(str, Enum):
     EIGEN = "eigen"
 
 
+class CurvatureSource(str, Enum):
+    """Where the Kronecker factors come from (``docs/algorithms.md`` §8.6)."""
+
+    #: The paper's K-FAC statistics: A = E[a aᵀ] of the layer inputs, G = E[δ δᵀ] of the
+    #: output gradients (captured by hooks).
+    KFAC = "kfac"
+    #: Gradient statistics (Shampoo/SOAP): E[Vᵀ V] and E[V Vᵀ] of the weight's gradient V.
+    GRADIENT = "gradient"
+
+
 @dataclass
 class Due:
     """A block whose representation is refreshed this step, with its damping (the routes that

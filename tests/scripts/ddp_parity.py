@@ -41,6 +41,8 @@ def make_optimizer(name: str, params):
         return lg.RENG(params, lr=0.1, rho=0.1, curvature_every=1, inverse_every=1, **kfac)
     if name == "RING-eigen":  # the second moment lives with the block's owner
         return lg.RING(params, lr=0.05, preconditioner="eigen", curvature_every=1, inverse_every=2)
+    if name == "RING-gradient":  # gradient statistics: the owner forms them from .grad
+        return lg.RING(params, lr=0.05, curvature="gradient", curvature_every=1, inverse_every=2)
     if name == "RKalman":
         # rows >= the global batch: the owner absorbs exactly the rows the 1-process run does.
         return lg.RKalman(
@@ -102,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--optimizers", default="KFAC,RING,RENG,RKalman,RING-eigen")
+    parser.add_argument("--optimizers", default="KFAC,RING,RENG,RKalman,RING-eigen,RING-gradient")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--layers", type=int, default=4)
@@ -121,7 +123,7 @@ def main() -> None:
         # The eigen mode's step depends on the basis inside a repeated eigenvalue's eigenspace
         # (docs/algorithms.md §8.4), which rounding picks differently on 1 and 2 processes; with
         # 2B = 8 samples only layers narrower than that have full-rank factors.
-        width = min(args.width, 3) if name == "RING-eigen" else args.width
+        width = min(args.width, 3) if name in ("RING-eigen", "RING-gradient") else args.width
         model = Net(name, width, args.layers, args.unused_on_rank0).double()
         timer = StepTimer()
         ddp_kwargs = {"static_graph": True} if args.static_graph else {}
