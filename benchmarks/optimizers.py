@@ -179,10 +179,21 @@ def _singd(model: nn.Module, lr: float, damping: float = 1e-3) -> torch.optim.Op
     return _Composite(primary, torch.optim.AdamW(rest) if rest else None)
 
 
-def _soap(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def _soap(model: nn.Module, lr: float, **kw: object) -> torch.optim.Optimizer:
     from pytorch_optimizer import SOAP
 
-    return SOAP(model.parameters(), lr=lr)
+    return SOAP(model.parameters(), lr=lr, **kw)
+
+
+def heavyball_optimizer(
+    name: str, model: nn.Module, lr: float, **kw: object
+) -> torch.optim.Optimizer:
+    """A heavyball optimizer as its authors ship it, with torch.compile off (on this CPU it
+    costs minutes of compilation per model and did not pay back within a benchmark run)."""
+    import heavyball
+
+    heavyball.utils.compile_mode = None
+    return getattr(heavyball, name)(model.parameters(), lr=lr, **kw)
 
 
 MUON_ADAMW_RATIO = 1 / 3
@@ -273,6 +284,82 @@ def _eigen(
     )
 
 
+def _variant(
+    name: str,
+    build: Build,
+    grid: tuple[float, ...],
+    what: str,
+    family: str = "baseline",
+    twin_of: str | None = None,
+) -> OptimizerSpec:
+    """A setting of an optimizer's other knobs, swept over lr like any spec (issue 23)."""
+    return OptimizerSpec(name, build, () if twin_of else grid, what, family, twin_of=twin_of)
+
+
+EIGEN_GRID = (3e-3, 1e-2, 3e-2, 0.1)
+GRADIENT = dict(curvature="gradient", curvature_every=1)
+
+#: Full-strength settings of the baselines (refresh frequency and betas, not only lr) and of
+#: the eigen mode (curvature source, statistics/refresh schedule, KL-clip): issue 23.
+STRENGTH: tuple[OptimizerSpec, ...] = (
+    _variant(
+        "SOAP-hb-f10",
+        lambda m, lr: heavyball_optimizer("SOAP", m, lr, precondition_frequency=10),
+        (1e-3, 3e-3, 1e-2, 3e-2),
+        "heavyball SOAP, basis refresh every 10 steps (else as shipped)",
+    ),
+    _variant(
+        "SOAP-hb-b95",
+        lambda m, lr: heavyball_optimizer("SOAP", m, lr, betas=(0.95, 0.95)),
+        (1e-3, 3e-3, 1e-2, 3e-2),
+        "heavyball SOAP, betas (0.95, 0.95) (else as shipped)",
+    ),
+    _variant(
+        "RING-grad",
+        lambda m, lr: lg.RING(m.parameters(), lr=lr, inverse_every=10, **GRADIENT),
+        EIGEN_GRID,
+        "RING, eigen mode, curvature='gradient' (statistics every step, basis every 10)",
+        "grng",
+    ),
+    _variant(
+        "RING-grad-f2",
+        lambda m, lr: lg.RING(m.parameters(), lr=lr, inverse_every=2, **GRADIENT),
+        EIGEN_GRID,
+        "RING, eigen mode, curvature='gradient', basis every 2 steps (SOAP's refresh)",
+        "grng",
+    ),
+    _variant(
+        "RING-grad-noclip",
+        lambda m, lr: lg.RING(m.parameters(), lr=lr, inverse_every=10, kl_clip=None, **GRADIENT),
+        EIGEN_GRID,
+        "RING-grad without the KL-clip",
+        "grng",
+    ),
+    _variant(
+        "KFAC-grad",
+        lambda m, lr: lg.KFAC(m.parameters(), lr=lr, inverse_every=10, **GRADIENT),
+        EIGEN_GRID,
+        "KFAC (rho = 0), eigen mode, curvature='gradient' (statistics every step, basis every 10)",
+        "kfac",
+    ),
+    _variant(
+        "RING-eigen-s1",
+        lambda m, lr: lg.RING(m.parameters(), lr=lr, curvature_every=1, inverse_every=10),
+        EIGEN_GRID,
+        "RING, eigen mode, K-FAC statistics every step, basis every 10",
+        "grng",
+    ),
+    _variant(
+        "RING-grad-rho0",
+        lambda m, lr: lg.RING(m.parameters(), lr=lr, rho=0.0, inverse_every=10, **GRADIENT),
+        (),
+        "RING-grad with rho = 0, everything else identical (at RING-grad's chosen lr)",
+        "ablation",
+        twin_of="RING-grad",
+    ),
+)
+
+
 #: RENG costs two to three AdamW steps per step; its eigen mode runs on the language tasks.
 LANGUAGE_TASKS = ("shakespeare", "imdb")
 
@@ -308,6 +395,30 @@ SPECS: tuple[OptimizerSpec, ...] = (
         _soap,
         (3e-3, 1e-2, 3e-2, 0.1),
         "pytorch-optimizer SOAP (betas (0.95, 0.95), basis refresh every 10 steps, wd 0.01)",
+        "baseline",
+    ),
+    OptimizerSpec(
+        "SOAP-hb",
+        lambda m, lr: heavyball_optimizer("SOAP", m, lr),
+        (1e-3, 3e-3, 1e-2, 3e-2),
+        "heavyball SOAP as shipped (betas (0.9, 0.95), basis refresh every 2 steps, wd 0.01), "
+        "torch.compile off",
+        "baseline",
+    ),
+    OptimizerSpec(
+        "PSGD-Kron",
+        lambda m, lr: heavyball_optimizer("PSGDKron", m, lr),
+        (3e-4, 1e-3, 3e-3, 1e-2),
+        "heavyball PSGDKron as shipped (Kronecker-factored preconditioner fitted by PSGD), "
+        "torch.compile off",
+        "baseline",
+    ),
+    OptimizerSpec(
+        "Muon-hb",
+        lambda m, lr: heavyball_optimizer("MuonAdamW", m, lr),
+        (1e-3, 3e-3, 1e-2, 3e-2),
+        "heavyball MuonAdamW as shipped (Muon on ≥2-D parameters, AdamW on the rest), "
+        "torch.compile off",
         "baseline",
     ),
     OptimizerSpec(
@@ -355,7 +466,7 @@ SPECS: tuple[OptimizerSpec, ...] = (
     _twin(lg.RENG, "eigen", LANGUAGE_TASKS),
 )
 
-BY_NAME = {spec.name: spec for spec in SPECS}
+BY_NAME = {spec.name: spec for spec in (*SPECS, *STRENGTH)}
 
 # Sophia and SINGD are left out of the generalization task to keep `make bench` near two hours;
 # SAM, the flat-minima baseline, runs only there.
