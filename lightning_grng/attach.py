@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +13,7 @@ from torch.nn.parameter import is_lazy
 
 from lightning_grng.curvature.block import KroneckerBlock, Unsupported
 from lightning_grng.curvature.capture import BoundHook
+from lightning_grng.curvature.tied import TiedEmbeddingBlock, tied_block
 from lightning_grng.optim.base import GRNGOptimizer
 from lightning_grng.registry import blocks_for
 
@@ -55,24 +56,29 @@ class Coverage:
         )
 
 
+#: A type with at most this many fallback modules has them named in the summary.
+NAMED = 2
+
+
 def _summarize(entries: list[tuple[str, str, list[str], list[str]]]) -> list[str]:
     """``(module name, type, reasons, own parameter names)`` of the fallback modules as
-    ``"k × Type (reason)"`` per type, in order of appearance, and the root's parameters by name."""
-    kinds: dict[str, tuple[int, list[str]]] = {}
-    root: list[str] = []
+    ``"k × Type (reasons)"`` per type, in order of appearance (naming the modules when there
+    are at most :data:`NAMED` of a type), and the root's own parameters by name."""
+    kinds: dict[str, tuple[list[str], list[str]]] = {}
+    root = ""
     for name, kind, why, own in entries:
         if not name:
-            root = own
+            root = f"root parameters: {', '.join(own)}" + (f" ({'; '.join(why)})" if why else "")
             continue
-        count, reasons = kinds.get(kind, (0, []))
-        kinds[kind] = (count + 1, reasons + [r for r in why if r not in reasons])
-    out = [
-        f"{count} × {kind}" + (f" ({'; '.join(reasons)})" if reasons else "")
-        for kind, (count, reasons) in kinds.items()
-    ]
-    if root:
-        out.append("root parameters: " + ", ".join(root))
-    return out
+        names, reasons = kinds.setdefault(kind, ([], []))
+        names.append(f"'{name}'")
+        reasons += [r for r in why if r not in reasons]
+    out = []
+    for kind, (names, reasons) in kinds.items():
+        notes = [", ".join(names)] if len(names) <= NAMED else []
+        notes += reasons
+        out.append(f"{len(names)} × {kind}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return [*out, root] if root else out
 
 
 class CurvatureHandle:
@@ -165,6 +171,37 @@ def _shared_parameters(model: nn.Module, index: dict[Tensor, int]) -> dict[Tenso
     return {p: names for p, names in owners.items() if len(names) > 1}
 
 
+def _tied_blocks(
+    model: nn.Module,
+    shared: dict[Tensor, list[str]],
+    trainable: Callable[[Tensor | None], bool],
+    skip: set[str],
+) -> dict[Tensor, TiedEmbeddingBlock]:
+    """The shared parameters that are the ``weight`` of embeddings and of one output layer
+    (or transposed linear layer), none skipped: one block for all uses each
+    (:mod:`lightning_grng.curvature.tied`). Other sharing patterns are not here."""
+    owners: dict[Tensor, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p in shared and pname == "weight":
+                owners.setdefault(p, []).append((name, module))
+    found: dict[Tensor, TiedEmbeddingBlock] = {}
+    for p, mods in owners.items():
+        skipped = any(n in skip or type(m).__name__ in skip for n, m in mods)
+        if skipped or len(mods) != len(shared[p]):
+            continue
+        built = [
+            b
+            for n, m in mods
+            for b in blocks_for(m, n, trainable)
+            if isinstance(b, KroneckerBlock) and b.weight is p
+        ]
+        block = tied_block(built)
+        if block is not None:
+            found[p] = block
+    return found
+
+
 def attach(
     model: nn.Module,
     optimizer: GRNGOptimizer,
@@ -181,10 +218,11 @@ def attach(
     type given a block with :func:`~lightning_grng.register_block` (looked up along the
     module's MRO, most specific type first; a user registration overrides a built-in one).
     Other trainable modules (norm layers, bare parameters, refused configurations with their
-    reason) are named in one warning and get the fallback update, and so does a layer whose
-    weight is tied to another module's (one block cannot precondition a gradient summed over
-    two uses; a warning names both). Attaching the same model twice returns another handle of
-    the same attachment.
+    reason) are named in one warning and get the fallback update. An embedding weight tied to
+    one output layer (``head.weight = emb.weight``: an ``nn.Linear`` or a transposed linear
+    layer) gets one block for all its uses (not with RKalman; the output layer's bias gets the
+    fallback); a weight shared in any other way gets the fallback, with a warning naming its
+    owners. Attaching the same model twice returns another handle of the same attachment.
     The share of trainable parameters the blocks cover and the modules that fall back are
     stated in one line (logger ``lightning_grng``, INFO) and kept in ``handle.coverage``.
 
@@ -234,6 +272,10 @@ def attach(
     def trainable(p: Tensor | None) -> bool:
         return isinstance(p, nn.Parameter) and p in index and p.requires_grad
 
+    tied_blocks = _tied_blocks(model, shared, trainable, skip)
+    for p in tied_blocks:
+        del shared[p]  # one block for both uses: not refused as tied
+
     for name, module in model.named_modules():
         if id(module) in claimed:
             continue
@@ -251,6 +293,10 @@ def attach(
             weight = block.weight
             if not isinstance(weight, nn.Parameter) or weight not in index:
                 continue
+            if weight in tied_blocks:
+                if blocks.get(str(index[weight])) is tied_blocks[weight]:
+                    continue  # built at the weight's other module
+                block = tied_blocks[weight]
             if not weight.requires_grad:
                 frozen[weight] = block.name
                 continue
@@ -265,13 +311,25 @@ def attach(
                 continue
             blocks[str(index[weight])] = block
             covered.update(block.params())
+    for p, tied_pair in tied_blocks.items():  # the output layer's bias is not in the block
+        bias, head_name = getattr(tied_pair.head, "bias", None), tied_pair.head_name
+        if blocks.get(str(index[p])) is not tied_pair or not trainable(bias):
+            continue
+        if bias in shared:  # itself tied (BERT's decoder bias): named with the tied weights
+            tied.append(" and ".join(f"'{n}'" for n in shared[bias]))
+            tied_modules.add(head_name)
+        else:
+            reasons.setdefault(head_name, []).append(
+                f"bias only: the weight is in the tied block '{tied_pair.name}'"
+            )
 
     fallback_update = optimizer.fallback_description
     if tied:
         warnings.warn(
             f"{type(optimizer).__name__}: tied weights: {'; '.join(tied)} are one parameter; "
-            "its gradient sums both uses, which one Kronecker block cannot precondition, so it "
-            f"(and its layer) gets the fallback update ({fallback_update}).",
+            "its gradient sums their uses, which one Kronecker block preconditions only for an "
+            "nn.Embedding tied to one nn.Linear (or transposed linear) layer, so it (and its "
+            f"layer) gets the fallback update ({fallback_update}).",
             UserWarning,
             stacklevel=2,
         )
@@ -320,10 +378,6 @@ def attach(
             stacklevel=2,
         )
     optimizer.attach_hooks(model, blocks, frozen, grad_scaler)
-    if getattr(optimizer, "gr_mode", None) == "double_backprop":  # issue 24: temporary
-        from lightning_grng.curvature.sdpa import use_math_sdpa
-
-        optimizer._capture._handles.append(use_math_sdpa(model))  # removed with the hooks
     if report:
         log.info("%s", coverage)
     return CurvatureHandle(optimizer, blocks, unsupported, coverage)

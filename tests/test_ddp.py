@@ -225,3 +225,111 @@ def test_ddp_strategy_from_yaml_with_cli(tmp_path):
     assert "Starting with 2 processes" in run.stdout + run.stderr
     config = (tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text()
     assert "lightning_grng.GRNGDDPStrategy" in config
+
+
+# ---------------------------------------------------------------------------- tied weights
+#: Optimizers of the tied-embedding parity run (the tied block: tests/test_tied.py).
+TIED = ["KFAC", "RING-eigen"]
+
+
+class _TiedLM(nn.Module):
+    """embedding → tanh(linear) → head, the head's weight tied to the embedding's."""
+
+    def __init__(self, vocab: int = 7, dim: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mid = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+
+def _tied_run(rank: int, world: int, name: str, steps: int = 4) -> dict:
+    """Trains the tied LM as rank ``rank`` of ``world`` (the process group initialized when
+    ``world > 1``) on its share of every global batch; gradients averaged as DDP does."""
+    import torch.distributed as dist
+
+    from lightning_grng.distributed import Sharding
+
+    torch.manual_seed(3)
+    model = _TiedLM().double()
+    if name == "KFAC":
+        kfac = dict(preconditioner="kfac", inverse="eigh", kl_clip=1.0, inverse_every=1)
+        opt = lg.KFAC(model.parameters(), lr=0.3, curvature_every=1, **kfac)
+    else:
+        opt = lg.RING(model.parameters(), lr=0.05, curvature_every=1, inverse_every=2)
+    lg.attach(model, opt, report=False)
+    opt.use_sharding(Sharding(rank, world) if world > 1 else None)
+    (key,) = [k for k, b in opt.blocks.items() if b.weight is model.emb.weight]
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(100 + step)
+        ids, y = torch.randint(0, 7, (2, 8, 6), generator=gen)
+        part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        opt.zero_grad()
+        logits = model(ids[part])
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 7), y[part].reshape(-1)).backward()
+        if world > 1:
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        opt.step()
+    return {
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "owns_tied": opt._owns(key),
+        "tied_state": bool(opt._block_state(key)),
+    }
+
+
+def _tied_worker(rank: int, port: int, out: str) -> None:
+    """One of 2 gloo ranks of :func:`test_ddp_tied_embedding_parity` (run by subprocess)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    address = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
+    try:
+        for name in TIED:
+            torch.save(_tied_run(rank, 2, name), Path(out) / f"tied_{name}_r{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_tied_embedding_parity(tmp_path):
+    """A tied embedding/head block sharded on 2 ranks: the statistics of both uses reach its
+    owner, and the run ends where the 1-process run on the whole batch does."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import test_ddp as t; "
+        "t._tied_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(rank), str(port), str(tmp_path)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-4000:]
+    torch.set_num_threads(1)
+    for name in TIED:
+        one = _tied_run(0, 1, name)
+        two = [torch.load(tmp_path / f"tied_{name}_r{r}.pt") for r in (0, 1)]
+        assert _max_diff(one["weights"], two[0]["weights"]) < ATOL, name
+        assert _max_diff(two[0]["weights"], two[1]["weights"]) == 0.0
+        assert [t["owns_tied"] for t in two].count(True) == 1  # one owner keeps the factors
+        assert [t["tied_state"] for t in two] == [t["owns_tied"] for t in two]
+        torch.manual_seed(3)
+        assert _max_diff(one["weights"], _TiedLM().double().state_dict()) > 1e-3  # it trained

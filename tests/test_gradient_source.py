@@ -115,7 +115,7 @@ def test_embeddings_keep_a_diagonal_vocabulary_side():
 
 
 def test_gradient_source_needs_the_eigen_mode():
-    with pytest.raises(ValueError, match="curvature='gradient' .* preconditioner='eigen'"):
+    with pytest.raises(ValueError, match=r"curvature='gradient' .* preconditioner='eigen'"):
         lg.RING(nn.Linear(2, 2).parameters(), curvature="gradient", preconditioner="kfac")
-    with pytest.raises(ValueError, match="invalid curvature='shampoo'"):
+    with pytest.raises(ValueError, match=r"invalid curvature='shampoo'"):
         lg.KFAC(nn.Linear(2, 2).parameters(), curvature="shampoo")

@@ -165,7 +165,7 @@ def test_attention_blocks_can_be_skipped_one_by_one():
     assert set(handle.blocks) == {"0", "0.out_proj"}
     model = nn.Sequential(nn.MultiheadAttention(E, HEADS))
     opt = KFAC_K(model.parameters())
-    with pytest.warns(UserWarning, match=r"'0.out_proj' \(NonDynamicallyQuantizableLinear\)"):
+    with pytest.warns(UserWarning, match=r"1 × NonDynamicallyQuantizableLinear \('0.out_proj'\)"):
         handle = lg.attach(model, opt, skip_modules=["0.out_proj"])
     assert set(handle.blocks) == {"0"}
     model = nn.Sequential(nn.MultiheadAttention(E, HEADS))
@@ -176,7 +176,8 @@ def test_attention_blocks_can_be_skipped_one_by_one():
 def test_attention_with_separate_kv_dims_falls_back_with_a_reason():
     mha = nn.MultiheadAttention(E, HEADS, kdim=4, vdim=6, batch_first=True).double()
     opt = _kfac(mha.parameters())
-    with pytest.warns(UserWarning, match=r"MultiheadAttention; separate q/k/v") as record:
+    why = r"root parameters: q_proj_weight, .* \(separate q/k/v"
+    with pytest.warns(UserWarning, match=why) as record:
         handle = lg.attach(mha, opt)
     assert [b.name for b in handle.blocks.values()] == ["out_proj"]
     assert not any("never fired" in str(w.message) for w in record)
@@ -311,7 +312,7 @@ def test_embedding_refused_configurations_fall_back_with_reasons():
 def test_rkalman_leaves_embeddings_to_the_fallback():
     model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2))
     opt = lg.RKalman(model.parameters())
-    with pytest.warns(UserWarning, match=r"'0' \(Embedding; RKalman filters a dense P_A"):
+    with pytest.warns(UserWarning, match=r"1 × Embedding \('0'; RKalman filters a dense P_A"):
         handle = lg.attach(model, opt)
     assert list(handle.blocks) == ["1"]
     model(torch.tensor([[1, 2], [3, 4]])).pow(2).mean().backward()
@@ -319,11 +320,15 @@ def test_rkalman_leaves_embeddings_to_the_fallback():
 
 
 # ---------------------------------------------------------------------- weight tying
-def test_tied_embedding_and_head_get_the_fallback():
+def test_weight_tied_three_ways_gets_the_fallback():
+    """An embedding tied to one head gets one block (tests/test_tied.py); a third owner makes
+    a pattern no block covers."""
     torch.manual_seed(0)
     model = TinyLM(layers=1)
     model.head = nn.Linear(16, 11, bias=False)
     model.head.weight = model.tok.weight
+    model.spare = nn.Linear(16, 11, bias=False)  # not called
+    model.spare.weight = model.tok.weight
     opt = KFAC_K(model.parameters(), curvature_every=1)
     with pytest.warns(UserWarning, match=r"tied weights: 'tok.weight' and 'head.weight'"):
         handle = lg.attach(model, opt)

@@ -290,7 +290,7 @@ def test_coverage_is_stated_once_in_one_line(caplog):
     linear = sum(p.numel() for i in (0, 3) for p in model[i].parameters())
     total = sum(p.numel() for p in model.parameters())
     assert handle.coverage.covered == linear and handle.coverage.total == total
-    assert f"{linear / total:.1%}" in lines[0] and "'1' (LayerNorm)" in lines[0]
+    assert f"{linear / total:.1%}" in lines[0] and "1 × LayerNorm ('1')" in lines[0]
 
 
 class EncoderLM(nn.Module):

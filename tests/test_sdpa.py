@@ -8,6 +8,7 @@ import copy
 import pickle
 import warnings
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,9 @@ def test_the_fused_kernel_has_no_double_backward_and_the_math_one_has():
 
     with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
         double_backward()
-    q64, k64, v64 = (torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+    q64, k64, v64 = (
+        torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True) for _ in "qkv"
+    )
     with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
         assert torch.autograd.gradgradcheck(
             lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
@@ -118,9 +121,10 @@ def test_math_only_in_training_forwards_with_grad_and_left_on_exceptions():
         model(tokens + 100)  # out of the embedding's range: the forward raises
     assert _fused_allowed()  # the always_call hook left the setting
     outer = nn.Sequential(model)
-    use_math_sdpa(outer)
+    outer_handle = use_math_sdpa(outer)  # hooks on outer and on its child, model
     outer(tokens)  # nested entries
     assert model.seen_fused[-1] is False and _fused_allowed()
+    outer_handle.remove()
 
     copied = copy.deepcopy(model)  # copies carry inert hooks
     copied(tokens)
@@ -172,3 +176,39 @@ def test_reng_double_backprop_on_transformers_llama():
     model = transformers.LlamaForCausalLM(config)
     assert model.config._attn_implementation == "sdpa"
     _reng_steps(model, lambda m, x: m(input_ids=x).logits, _tokens(vocab=64), 64)
+
+
+class LitSDPA(L.LightningModule):
+    """training_step calls the submodule, never the LightningModule itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SDPAttention()
+
+    def training_step(self, batch, _):
+        (tokens,) = batch
+        logits = self.net(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, 32), tokens[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return lg.RENG(self.parameters(), lr=0.01, rho=0.1)
+
+
+@pytest.mark.parametrize("strategy", ["grng", "auto"])
+def test_reng_double_backprop_through_sdpa_in_lightning(strategy, tmp_path):
+    module = LitSDPA()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=lg.GRNGStrategy() if strategy == "grng" else "auto",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    data = torch.utils.data.TensorDataset(_tokens(batch=8))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert trainer.global_step == 2
+    assert module.net.seen_fused and not any(module.net.seen_fused)

@@ -5,6 +5,7 @@ against the same layer as an nn.Linear holding W.T."""
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from functools import partial
 
@@ -29,6 +30,7 @@ KFAC_K = partial(
     damping_mode="absolute",
 )
 N_IN, N_OUT = 4, 3
+pytestmark = pytest.mark.filterwarnings("ignore:.*the model has no layer with a Kronecker block")
 
 
 class HFStyleConv1D(nn.Module):
@@ -184,12 +186,14 @@ def test_other_transposed_layer_by_in_and_out_features():
 @pytest.mark.parametrize("cls", [NotTransposed, WithDropout])
 def test_same_structure_other_forward_falls_back_with_the_reason(cls):
     torch.manual_seed(0)
-    layer = cls(N_IN, N_IN)
+    model = nn.Sequential(cls(N_IN, N_IN))
     state = torch.get_rng_state()
-    with pytest.warns(UserWarning, match=r"does not compute x @ weight \+ bias"):
-        handle = lg.attach(layer, KFAC_K(layer.parameters()))
+    reason = r"shaped like a transposed linear layer .*does not compute x @ weight \+ bias"
+    with pytest.warns(UserWarning, match=reason):
+        handle = lg.attach(model, KFAC_K(model.parameters()))
     assert torch.equal(torch.get_rng_state(), state)  # the probe's dropout drew nothing
     assert not handle.blocks and handle.coverage.share == 0.0
+    assert re.search(reason, handle.coverage.fallback[0])
 
 
 def test_structure_mismatches_are_not_recognized():

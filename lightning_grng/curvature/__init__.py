@@ -20,6 +20,8 @@ from lightning_grng.curvature.kalman_measurement import (
 )
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
 from lightning_grng.curvature.linear import LinearBlock
+from lightning_grng.curvature.sdpa import MathSDPAHandle, math_only_sdpa, use_math_sdpa
+from lightning_grng.curvature.tied import TiedAccumulator, TiedEmbeddingBlock
 from lightning_grng.curvature.transposed_linear import TransposedLinearBlock
 
 __all__ = [
@@ -41,11 +43,16 @@ __all__ = [
     "KroneckerFactors",
     "LinearBlock",
     "LossReduction",
+    "MathSDPAHandle",
     "Measurement",
     "MeasurementMethod",
     "OutProjBlock",
+    "TiedAccumulator",
+    "TiedEmbeddingBlock",
     "TransposedLinearBlock",
     "Unsupported",
+    "math_only_sdpa",
     "newton_schulz_inverse",
     "spd_eigh",
+    "use_math_sdpa",
 ]

@@ -234,13 +234,15 @@ class _Pass:
 
     ``part`` is the groups the use fed (None: all) and ``call`` the token its forward shares
     with the other uses that fed the remaining groups (``MultiheadAttention``'s separate q, k
-    and v projections); a use that feeds all groups is its own call.
+    and v projections); a use that feeds all groups is its own call. A ``str`` part labels a
+    kind of use of a weight used in several ways (a tied embedding's lookup and output map):
+    its rows reach the accumulator as ``(label, rows)``, so it keeps the uses apart.
     """
 
     __slots__ = ("batch", "call", "committed", "g", "g_designated", "g_task", "part", "seq", "x")
 
     def __init__(
-        self, x: Any, batch: int, seq: int, part: slice | None = None, call: Any = None
+        self, x: Any, batch: int, seq: int, part: slice | str | None = None, call: Any = None
     ) -> None:
         self.x: Any = x
         self.batch = batch
@@ -338,7 +340,7 @@ class CurvatureCapture:
             x: Any,
             output: Any,
             batch: int,
-            part: slice | None = None,
+            part: slice | str | None = None,
             call: Any = None,
         ) -> None:
             if not self.gate.forward_open:
@@ -443,11 +445,16 @@ class CurvatureCapture:
         return hook
 
     @staticmethod
-    def _rows(block: KroneckerBlock, uses: list[_Pass]) -> tuple[Tensor, Tensor | None] | None:
+    def _rows(block: KroneckerBlock, uses: list[_Pass]) -> tuple[Any, Any] | None:
         """Input rows and output-gradient rows (None without a backward) of one forward; None
-        when the backward reached the uses of only some of its groups (nothing to count)."""
-        if len(uses) == 1 and uses[0].part is None:
-            return block.input_rows(uses[0].x), uses[0].g
+        when the backward reached the uses of only some of its groups (nothing to count).
+        A labelled use (:class:`_Pass`) gives ``(label, rows)`` pairs."""
+        if len(uses) == 1 and not isinstance(uses[0].part, slice):
+            use = uses[0]
+            a, g = block.input_rows(use.x), use.g
+            if use.part is None:
+                return a, g
+            return (use.part, a), None if g is None else (use.part, g)
         fed = sum(block.groups if u.part is None else u.part.stop - u.part.start for u in uses)
         if fed != block.groups:
             return None

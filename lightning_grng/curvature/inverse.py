@@ -207,3 +207,64 @@ def batched_spd_eigh(matrices: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
             out[i] = (evals[offset : offset + size], evecs[offset : offset + size])
             offset += size
     return out  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- warm eigenbasis
+def warm_eigh(M: Tensor, Q: Tensor, iters: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """An eigenbasis of symmetric PSD ``M`` by ``iters`` steps of orthogonal iteration from a
+    previous basis ``Q`` (SOAP's warm start): ``Q ← qr(M Q)``, matmuls and one QR, no eigh.
+
+    Before each step the columns are sorted by their Rayleigh quotients ``diag(Qᵀ M Q)``,
+    largest first (the order in which orthogonal iteration is stable), and after it each
+    column's sign is fixed by ``diag(R) ≥ 0``, so an exact eigenbasis comes back unchanged up
+    to that order. A batch element whose ``Q`` is not finite starts from the identity.
+
+    Returns ``(eigenvalues, eigenvectors, drift)`` in the working dtype: the eigenvalues are
+    the sorted Rayleigh quotients of the last step's starting basis (clamped at 0), and
+    ``drift`` (shape ``M.shape[:-2]``) is the relative off-diagonal mass of ``Qᵀ M Q`` for the
+    GIVEN basis, ``‖offdiag(Qᵀ M Q)‖_F / ‖Qᵀ M Q‖_F`` = ``‖M Q − Q diag(d)‖_F / ‖M Q‖_F``
+    (Q orthogonal): 0 for an exact eigenbasis, near 1 for an unrelated one; O(n²) given M Q.
+    """
+    dtype = working_dtype(M.dtype)
+    Mw = symmetrize(M.to(dtype))
+    eye = torch.eye(M.shape[-1], dtype=dtype, device=M.device)
+    Qw = Q.to(dtype)
+    Qw = torch.where(torch.isfinite(Qw).flatten(-2).all(-1)[..., None, None], Qw, eye)
+    drift = torch.zeros(M.shape[:-2], dtype=dtype, device=M.device)
+    evals = torch.diagonal(Mw, dim1=-2, dim2=-1)
+    for step in range(iters):
+        W = Mw @ Qw
+        evals = (Qw * W).sum(-2)  # q_iᵀ M q_i
+        if step == 0:
+            off = torch.linalg.matrix_norm(W - Qw * evals[..., None, :])
+            tiny = torch.finfo(dtype).tiny
+            drift = off / torch.linalg.matrix_norm(W).clamp_min(tiny)
+        evals, order = evals.sort(dim=-1, descending=True)
+        W = W.gather(-1, order[..., None, :].expand_as(W))
+        Qw, R = torch.linalg.qr(W)
+        signs = torch.diagonal(R, dim1=-2, dim2=-1).sign()
+        Qw = Qw * torch.where(signs == 0, torch.ones_like(signs), signs)[..., None, :]
+    return evals.clamp_min(0.0), Qw, drift
+
+
+def batched_warm_eigh(
+    pairs: list[tuple[Tensor, Tensor]], iters: int = 1
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`warm_eigh` of many ``(M_i, Q_i)`` batches ``(g_i, n_i, n_i)``, one call per
+    distinct ``(n, dtype)`` (same-size factors of different blocks concatenated, as in
+    :func:`batched_spd_eigh`). Returns ``(eigenvalues, eigenvectors, drift)`` per input."""
+    groups: dict[tuple[int, torch.dtype], list[int]] = {}
+    for i, (m, _) in enumerate(pairs):
+        groups.setdefault((m.shape[-1], m.dtype), []).append(i)
+    out: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(pairs)
+    for indices in groups.values():
+        Ms = [pairs[i][0] for i in indices]
+        Qs = [pairs[i][1].to(Ms[0].dtype) for i in indices]
+        joined = (torch.cat(Ms), torch.cat(Qs)) if len(Ms) > 1 else (Ms[0], Qs[0])
+        evals, evecs, drift = warm_eigh(*joined, iters=iters)
+        offset = 0
+        for i, part in zip(indices, Ms, strict=True):
+            size = part.shape[0]
+            out[i] = tuple(t[offset : offset + size] for t in (evals, evecs, drift))  # type: ignore[assignment]
+            offset += size
+    return out  # type: ignore[return-value]

@@ -13,7 +13,8 @@ Two inverse routes:
 The eigen-corrected mode (``preconditioner="eigen"``, ``docs/algorithms.md`` §8) keeps the eigh
 route's basis but replaces the eigenvalue products ``s aᵀ`` by :attr:`KroneckerFactors.moment`, a
 running second moment of the gradient in that basis (EKFAC, George et al. 2018; SOAP). A basis
-refresh carries the moment into the new basis as the diagonal of the same operator.
+refresh carries the moment into the new basis as the diagonal of the same operator, whether the
+basis comes from an eigh or from a warm start (``optim/routes.py``, ``refresh="warm"``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class KroneckerFactors:
 
     A diagonal A (an embedding's) is stored as ``(g, n_in)``: its eigenvalues are the diagonal
     and its eigenvectors the identity (``evec_A`` stays None), and its Newton inverse is the
-    elementwise reciprocal of the damped diagonal.
+    elementwise reciprocal of the damped diagonal. G may be stored as its diagonal
+    ``(g, n_out)`` likewise (the factor-size policy ``max_factor``; eigh routes only).
 
     Args:
         dtype: storage dtype of the factors (statistics arrive in float32 or better and are cast).
@@ -91,6 +93,12 @@ class KroneckerFactors:
         #: The Newton route's damping at its last refresh, γ / mean eigenvalue per group (for
         #: diagnostics; not checkpointed).
         self.damping_ratio: Tensor | None = None
+        #: Warm eigen route, device flags of the last refresh per side (A, G): the previous
+        #: basis had drifted past the route's limit (None: that side was not warm-started).
+        self.drifted: tuple[Tensor | None, Tensor | None] = (None, None)
+        #: Host flags per side (A, G), from the step's read-back of :attr:`drifted`, or set by
+        #: a stand-in basis: the next refresh of that side is a full eigh.
+        self.full_next = [False, False]
 
     @property
     def ready(self) -> bool:
@@ -102,12 +110,18 @@ class KroneckerFactors:
         """A is stored as its diagonal ``(g, n_in)``."""
         return self.A is not None and self.A.dim() == 2
 
+    @property
+    def g_is_diagonal(self) -> bool:
+        """G is stored as its diagonal ``(g, n_out)``."""
+        return self.G is not None and self.G.dim() == 2
+
     def mean_eigenvalue(self) -> Tensor:
         """Mean eigenvalue of ``A ⊗ G`` per group, ``(tr A / n_A)·(tr G / n_G)``, shape
         ``(groups,)``: the unit of relative damping (``docs/algorithms.md`` §2)."""
         assert self.A is not None and self.G is not None
         diag_a = self.A if self.a_is_diagonal else torch.diagonal(self.A, dim1=-2, dim2=-1)
-        return diag_a.mean(-1) * torch.diagonal(self.G, dim1=-2, dim2=-1).mean(-1)
+        diag_g = self.G if self.g_is_diagonal else torch.diagonal(self.G, dim1=-2, dim2=-1)
+        return diag_a.mean(-1) * diag_g.mean(-1)
 
     @property
     def finite(self) -> bool:
@@ -156,7 +170,10 @@ class KroneckerFactors:
             eye_A = torch.ones(self.A.shape[-1], dtype=self.A.dtype, device=self.A.device)
         else:
             eye_A = torch.eye(self.A.shape[-1], dtype=self.A.dtype, device=self.A.device)
-        eye_G = torch.eye(self.G.shape[-1], dtype=self.G.dtype, device=self.G.device)
+        if self.g_is_diagonal:
+            eye_G = torch.ones(self.G.shape[-1], dtype=self.G.dtype, device=self.G.device)
+        else:
+            eye_G = torch.eye(self.G.shape[-1], dtype=self.G.dtype, device=self.G.device)
         return torch.where(ok, self.A, eye_A), torch.where(ok, self.G, eye_G), ok
 
     def eigh_inputs(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -171,8 +188,10 @@ class KroneckerFactors:
         accept: Tensor | None = None,
     ) -> Tensor:
         """Installs a new eigenbasis where it is usable (device-side), keeps the last good one
-        otherwise. Returns the failure flag (0-dim bool): the factors held statistics but the
-        factors or the decomposition were not finite (the caller raises the damping)."""
+        otherwise; the second moment is carried into it (:func:`carry_moment`). ``eig_A`` and
+        ``eig_G`` are ``(eigenvalues, eigenvectors)``, the eigenvectors None for a side stored
+        as its diagonal. Returns the failure flag (0-dim bool): the factors held statistics but
+        the factors or the decomposition were not finite (the caller raises the damping)."""
         parts = (*eig_A, *eig_G)
         decomposed = [t for t in parts if t is not None]  # a diagonal A has no eigenvectors
         ok = inputs_ok & torch.stack([torch.isfinite(t).all() for t in decomposed]).all()
@@ -213,7 +232,7 @@ class KroneckerFactors:
             A, G, inputs_ok = self.eigh_inputs()
             try:
                 eig_A = (A.clamp_min(0.0), None) if self.a_is_diagonal else spd_eigh(A)
-                eig_G = spd_eigh(G)
+                eig_G = (G.clamp_min(0.0), None) if self.g_is_diagonal else spd_eigh(G)
             except torch.linalg.LinAlgError:
                 return self._failed(torch.zeros_like(inputs_ok))
             return self.install_eigh(eig_A, eig_G, inputs_ok, accept)
@@ -277,16 +296,18 @@ class KroneckerFactors:
         return (self.inv_G @ Vw @ self.inv_A).to(dtype)
 
     def to_eigenbasis(self, V: Tensor) -> Tensor:
-        """``Q_Gᵀ V Q_A`` in the working dtype (eigh route only; a diagonal A is its own
-        eigenbasis, ``Q_A = I``)."""
-        assert self.evec_G is not None
-        rotated = self.evec_G.transpose(-1, -2) @ V.to(self.evec_G.dtype)
+        """``Q_Gᵀ V Q_A`` in the working dtype (eigh route only; a diagonal factor is its own
+        eigenbasis, ``Q = I``)."""
+        if self.evec_G is None:  # G stored as its diagonal
+            assert self.eval_G is not None
+            rotated = V.to(self.eval_G.dtype)
+        else:
+            rotated = self.evec_G.transpose(-1, -2) @ V.to(self.evec_G.dtype)
         return rotated if self.evec_A is None else rotated @ self.evec_A
 
     def from_eigenbasis(self, R: Tensor, dtype: torch.dtype) -> Tensor:
         """``Q_G R Q_Aᵀ`` cast to ``dtype``: the inverse of :meth:`to_eigenbasis`."""
-        assert self.evec_G is not None
-        out = self.evec_G @ R
+        out = R if self.evec_G is None else self.evec_G @ R
         return (out if self.evec_A is None else out @ self.evec_A.transpose(-1, -2)).to(dtype)
 
     def update_moment(self, R: Tensor, beta2: float) -> Tensor:
@@ -304,6 +325,8 @@ class KroneckerFactors:
 
     def state_dict(self) -> dict[str, object]:
         state: dict[str, object] = {"updates": self.updates, "moment_count": self.moment_count}
+        if any(self.full_next):  # a pending full eigh (warm route; a stand-in basis)
+            state["full_next"] = list(self.full_next)
         for key in self.TENSORS:
             value = getattr(self, key)
             if value is not None:
@@ -321,6 +344,9 @@ class KroneckerFactors:
             self.dtype = self.A.dtype
         self.valid = self.unusable = None
         self.cold_next = False
+        self.drifted = (None, None)
+        pending = state.get("full_next", (False, False))
+        self.full_next = [bool(x) for x in pending]  # type: ignore[union-attr]
 
 
 def carry_moment(

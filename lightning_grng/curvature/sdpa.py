@@ -21,22 +21,21 @@ from torch import nn
 
 from lightning_grng.curvature.capture import BoundHook
 
-try:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def _math_only() -> contextlib.AbstractContextManager[Any]:
-        return sdpa_kernel([SDPBackend.MATH])
-
-except ImportError:  # torch < 2.3: the older switch (the same global flags)
-
-    def _math_only() -> contextlib.AbstractContextManager[Any]:
+def math_only_sdpa() -> contextlib.AbstractContextManager[Any]:
+    """A context in which ``scaled_dot_product_attention`` runs the math backend (whose
+    backward is differentiable), on every device."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the older switch (the same global flags)
         return torch.backends.cuda.sdp_kernel(  # type: ignore[attr-defined]
             enable_flash=False, enable_math=True, enable_mem_efficient=False
         )
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 class MathSDPAHandle:
-    """What :func:`use_math_sdpa` returns; :meth:`remove` takes its two hooks off."""
+    """What :func:`use_math_sdpa` returns; :meth:`remove` takes its hooks off."""
 
     def __init__(self, handles: list[Any]) -> None:
         self._handles = handles
@@ -54,21 +53,25 @@ class MathSDPAHandle:
 
 
 class _Switch:
-    """Enters the math-only setting for a training forward with grad enabled and leaves it when
-    that forward returns or raises; nested and re-entrant calls each get their own entry."""
+    """The first training forward with grad enabled among the hooked modules enters the
+    math-only setting and leaves it when that forward returns or raises; the hooked calls nested
+    in it (the root's children inside the root) add nothing."""
 
     def __init__(self) -> None:
-        self._entered: list[contextlib.ExitStack] = []
+        self._setting: contextlib.ExitStack | None = None
+        self._opened: list[bool] = []  # per running hooked call: whether it entered the setting
 
     def enter(self, module: nn.Module, args: Any) -> None:
-        stack = contextlib.ExitStack()
-        if module.training and torch.is_grad_enabled():
-            stack.enter_context(_math_only())
-        self._entered.append(stack)
+        first = self._setting is None and module.training and torch.is_grad_enabled()
+        if first:
+            self._setting = contextlib.ExitStack()
+            self._setting.enter_context(math_only_sdpa())
+        self._opened.append(first)
 
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._entered:
-            self._entered.pop().close()
+        if self._opened and self._opened.pop() and self._setting is not None:
+            self._setting.close()
+            self._setting = None
 
 
 def use_math_sdpa(model: nn.Module) -> MathSDPAHandle:
@@ -76,21 +79,25 @@ def use_math_sdpa(model: nn.Module) -> MathSDPAHandle:
     ``scaled_dot_product_attention`` with the math backend, so their graph can be
     differentiated twice (RENG's ``loss.backward(create_graph=True)``).
 
-    A forward pre-hook on ``model`` enters ``sdpa_kernel([SDPBackend.MATH])``; a forward hook
-    registered with ``always_call=True`` leaves it, also when the forward raises. Evaluation and
+    A forward pre-hook enters :func:`math_only_sdpa`; a forward hook registered with
+    ``always_call=True`` leaves it, also when the forward raises. The hooks sit on ``model`` and
+    on its direct children, so a training step that calls a submodule rather than the model
+    itself (a LightningModule's ``training_step`` calling ``self.net``) is covered too; attention
+    called from anywhere else must run inside :func:`math_only_sdpa`. Evaluation and
     ``no_grad`` forwards keep the fused kernels. The setting is global while the forward runs,
     as ``sdpa_kernel`` is. Copies of the model (``copy.deepcopy``, pickle) carry inert hooks.
 
     Args:
-        model: the module whose ``__call__`` runs the training forward.
+        model: the module whose ``__call__`` (or its children's) runs the training forward.
 
     Returns:
         A handle whose ``remove()`` takes the hooks off.
     """
     switch = _Switch()
-    return MathSDPAHandle(
-        [
-            model.register_forward_pre_hook(BoundHook(switch.enter), prepend=True),
-            model.register_forward_hook(BoundHook(switch.leave), always_call=True),
+    handles = []
+    for module in (model, *model.children()):
+        handles += [
+            module.register_forward_pre_hook(BoundHook(switch.enter), prepend=True),
+            module.register_forward_hook(BoundHook(switch.leave), always_call=True),
         ]
-    )
+    return MathSDPAHandle(handles)

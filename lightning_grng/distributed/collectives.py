@@ -68,8 +68,9 @@ class Sharding:
     def reduce_factor_statistics(
         self, blocks: dict[str, KroneckerBlock], accumulators: dict[str, FactorAccumulator]
     ) -> None:
-        """Sums ``a_sum, a_rows, g_sum, g_samples`` of every block at its owner (one
-        ``reduce`` per owner rank); non-owners' accumulators are cleared.
+        """Sums ``a_sum, a_rows, g_sum, g_samples`` of every block (of each use, for a tied
+        block) at its owner (one ``reduce`` per owner rank); non-owners' accumulators are
+        cleared.
 
         Each rank's output gradients are those of its *local* mean loss, and DDP averages the
         parameter gradients, so the global loss's output gradients are ``δ/W``: ``g_sum`` is
@@ -83,37 +84,34 @@ class Sharding:
             parts: list[Tensor] = []
             counts: list[float] = []
             for key in keys:
-                b, acc = blocks[key], accumulators[key]
-                a_shape = (b.groups, b.n_in) if b.diagonal_input else (b.groups, b.n_in, b.n_in)
-                for value, shape in (
-                    (acc.a_sum, a_shape),
-                    (acc.g_sum, (b.groups, b.n_out, b.n_out)),
-                ):
-                    if value is None:
-                        value = torch.zeros(shape, dtype=dtype, device=device)
-                    parts.append(value.to(dtype).reshape(-1))
-                counts += [float(acc.a_rows if acc.a_sum is not None else 0), float(acc.g_samples)]
-                counts.append(1.0 if acc.g_sum is not None else 0.0)
+                for acc, a_shape, g_shape in _sums(blocks[key], accumulators[key]):
+                    for value, shape in ((acc.a_sum, a_shape), (acc.g_sum, g_shape)):
+                        if value is None:
+                            value = torch.zeros(shape, dtype=dtype, device=device)
+                        parts.append(value.to(dtype).reshape(-1))
+                    counts += [float(acc.a_rows if acc.a_sum is not None else 0)]
+                    counts += [float(acc.g_samples), 1.0 if acc.g_sum is not None else 0.0]
             parts.append(torch.tensor(counts, dtype=torch.float64, device=device).to(dtype))
             buf = torch.cat(parts)
             dist.reduce(buf, dst=self._global(owner), op=dist.ReduceOp.SUM, group=self.group)
-            offset = 0
+            offset, i = 0, 0
             tail = buf[-len(counts) :].double().tolist()
-            for i, key in enumerate(keys):
-                b, acc = blocks[key], accumulators[key]
-                a_shape = (b.groups, b.n_in) if b.diagonal_input else (b.groups, b.n_in, b.n_in)
-                sizes = (math.prod(a_shape), b.groups * b.n_out * b.n_out)
-                a = buf[offset : offset + sizes[0]].view(a_shape)
-                g = buf[offset + sizes[0] : offset + sum(sizes)].view(b.groups, b.n_out, b.n_out)
-                offset += sum(sizes)
-                acc.reset()
-                if owner != self.rank:
-                    continue
-                a_rows, g_samples, g_present = tail[3 * i : 3 * i + 3]
-                if a_rows > 0:
-                    acc.a_sum, acc.a_rows = a.clone(), round(a_rows)
-                if g_present > 0:
-                    acc.g_sum, acc.g_samples = g / (W * W), round(g_samples)
+            for key in keys:
+                sums = _sums(blocks[key], accumulators[key])
+                accumulators[key].reset()
+                for acc, a_shape, g_shape in sums:
+                    sizes = (math.prod(a_shape), math.prod(g_shape))
+                    a = buf[offset : offset + sizes[0]].view(a_shape)
+                    g = buf[offset + sizes[0] : offset + sum(sizes)].view(g_shape)
+                    offset += sum(sizes)
+                    a_rows, g_samples, g_present = tail[3 * i : 3 * i + 3]
+                    i += 1
+                    if owner != self.rank:
+                        continue
+                    if a_rows > 0:
+                        acc.a_sum, acc.a_rows = a.clone(), round(a_rows)
+                    if g_present > 0:
+                        acc.g_sum, acc.g_samples = g / (W * W), round(g_samples)
 
     def gather_kalman_statistics(
         self, blocks: dict[str, KroneckerBlock], accumulators: dict[str, KalmanAccumulator]
@@ -252,6 +250,17 @@ class Sharding:
         for part in gathered:
             merged.update(part)
         return merged
+
+
+def _sums(block: KroneckerBlock, acc: Any) -> list[tuple[Any, tuple[int, ...], tuple[int, ...]]]:
+    """``(sums, a_sum shape, g_sum shape)`` of a block's statistics: its accumulator, or each
+    use's sums of a block fed by several kinds of use (a tied embedding's ``terms``)."""
+    terms = getattr(acc, "terms", None)
+    if terms is not None:
+        return [(t, t.a_shape, t.g_shape) for t in terms.values()]
+    b = block
+    a_shape = (b.groups, b.n_in) if b.diagonal_input else (b.groups, b.n_in, b.n_in)
+    return [(acc, a_shape, (b.groups, b.n_out, b.n_out))]
 
 
 def _to_cpu(x: Any) -> Any:

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_grng.curvature.sdpa import math_only_sdpa
 from lightning_grng.distributed.collectives import Sharding
 from lightning_grng.optim.base import GRNGOptimizer
 from lightning_grng.optim.reng import RENG
@@ -58,6 +59,15 @@ class RegularizedBackwardMixin:
 
     def _regularized_backward(self, loss: Tensor, reng: RENG, loss_scale: float) -> None:
         reng.regularized_backward(loss, loss_scale)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """With a double-backprop RENG, attention anywhere in the step runs the math SDPA
+        kernel, whose backward can be differentiated again (``curvature/sdpa.py``)."""
+        if double_backprop_optimizer(None, self.optimizers) is None:  # type: ignore[attr-defined]
+            return super().training_step(*args, **kwargs)  # type: ignore[misc]
+        with math_only_sdpa():
+            return super().training_step(*args, **kwargs)  # type: ignore[misc]
 
     @override
     def backward(  # type: ignore[override]

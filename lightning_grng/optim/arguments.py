@@ -57,6 +57,18 @@ DESCRIPTIONS: dict[str, str] = {
     "curvature": "where the Kronecker factors come from: 'kfac' (the paper's statistics of "
     "layer inputs and output gradients, captured by hooks) or 'gradient' (Shampoo/SOAP "
     "statistics G G^T and G^T G of each weight's gradient: no hooks; eigen mode only).",
+    "refresh": "how the eigen mode keeps its eigenbasis: 'eigh' (default: a full "
+    "eigendecomposition of every due factor) or 'warm' (one orthogonal-iteration step "
+    "Q = qr(F Q) from the previous basis, SOAP's warm start, batched over same-sized factors; "
+    "a full eigh only at a factor's first refresh and after its basis drifted: relative "
+    "off-diagonal mass of Q^T F Q above 0.25). Eigen mode only.",
+    "stagger_first": "None (default) or a width: blocks with a factor at least this wide start "
+    "with a stand-in identity basis (the factors' diagonals as eigenvalues) and get their "
+    "first decomposition on their staggered refresh slot, so no step decomposes every wide "
+    "factor at once (1: every block). eigh-based routes only.",
+    "max_factor": "None (default) or a width: a Kronecker factor wider than this is kept as "
+    "its diagonal (its eigenbasis the identity, like an embedding's input factor), so it is "
+    "never decomposed. eigh-based routes only.",
     "rho": "gradient-regularization strength rho >= 0.",
     "gr_mode": "'double_backprop' (exact Hg; needs loss.backward(create_graph=True), "
     "lightning_grng.regularized_backward or GRNGStrategy) or 'finite_difference' (one extra "

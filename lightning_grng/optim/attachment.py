@@ -21,6 +21,7 @@ class AttachmentMixin(Optimizer):
     _capture: CurvatureCapture | None
     _model: nn.Module | None
     _handles: list[Any]
+    _model_hooks: list[Any]
     _frozen_at_attach: dict[Tensor, str]
     _sharding: Any
     _gate: Any
@@ -78,9 +79,15 @@ class AttachmentMixin(Optimizer):
         accumulators = {key: self._new_accumulator(block) for key, block in observed.items()}
         self._capture = CurvatureCapture(observed, accumulators, self._gate, owner=self)
         self._capture.register(model)
+        self._model_hooks = self._hooks_on_model(model)
         self._gate.wanted = self._curvature_due()
         self._gate.grad_scaler = grad_scaler
         return self._capture
+
+    def _hooks_on_model(self, model: nn.Module) -> list[Any]:
+        """Hooks the optimizer needs on the model besides the capture (RENG: attention that its
+        double backprop can differentiate); removed with the capture."""
+        return []
 
     def add_handle(self, handle: Any) -> None:
         self._handles.append(handle)
@@ -97,6 +104,9 @@ class AttachmentMixin(Optimizer):
         """Removes every hook; the curvature state stays (re-attaching resumes)."""
         if self._capture is not None:
             self._capture.remove()
+        for hook in self._model_hooks:
+            hook.remove()
+        self._model_hooks = []
         self._capture = None
         self._model = None
         self._handles.clear()

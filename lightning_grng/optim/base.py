@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from lightning_grng.curvature.block import KroneckerBlock
 from lightning_grng.curvature.capture import (
@@ -123,6 +124,7 @@ class GRNGOptimizer(AttachmentMixin, StatisticsStage, CheckpointMixin):
         self._blocks: dict[str, KroneckerBlock] = {}
         self._model: nn.Module | None = None
         self._handles: list[Any] = []
+        self._model_hooks: list[Any] = []  # hooks on the model besides the capture
         #: Parameters of supported layers that were frozen at attach -> module name.
         self._frozen_at_attach: dict[Tensor, str] = {}
         self._warned: set[str] = set()  # what was said once (silent blocks, unfrozen layers)
@@ -283,27 +285,37 @@ class GRNGOptimizer(AttachmentMixin, StatisticsStage, CheckpointMixin):
         """
         capture = self._require_attached()
         self._warn_unfrozen()
-        loss, grad_of = self._gradients(closure)
-        grads = StepGradients.of_params(grad_of)
+        # The stages run in profiler ranges "grng.<stage>" (a trace shows where a step goes;
+        # ``benchmarks/step_cost.py --stages``); a range costs microseconds when not profiling.
+        with record_function("grng.gradients"):
+            loss, grad_of = self._gradients(closure)
+            grads = StepGradients.of_params(grad_of)
         # ‖g‖² stays on the device; whether the step is skipped (non-finite gradient) is read
         # back once, with every other flag of the step, in _settle().
         self._readback.open(grads.sq)
         self._boost.begin_step()
         self._damping_ratios = {}
         if self._curvature_due():
-            self._absorb_statistics(capture, grads)
-        self._prepare(grads)
-        if not self._settle():
+            with record_function("grng.statistics"):
+                self._absorb_statistics(capture, grads)
+        with record_function("grng.refresh"):
+            self._prepare(grads)
+        with record_function("grng.readback"):
+            settled = self._settle()
+        if not settled:
             return loss
-        self._commit(grads)
+        with record_function("grng.commit"):
+            self._commit(grads)
 
-        directions, fallback = self._directions(grads)
-        group_of = {p: group for group in self.param_groups for p in group["params"]}
-        used = {p: grad_of[p] for p in directions}
-        scale = kl_clip_scale(self.kl_clip, directions, used, group_of)
-        binding = self._kl_binding.count(scale)
-        apply_directions(self.param_groups, self.state, directions, scale, self.momentum_ema)
-        apply_fallback(fallback, self.state, grad_of, group_of, self.fallback_lr)
+        with record_function("grng.precondition"):
+            directions, fallback = self._directions(grads)
+        with record_function("grng.update"):
+            group_of = {p: group for group in self.param_groups for p in group["params"]}
+            used = {p: grad_of[p] for p in directions}
+            scale = kl_clip_scale(self.kl_clip, directions, used, group_of)
+            binding = self._kl_binding.count(scale)
+            apply_directions(self.param_groups, self.state, directions, scale, self.momentum_ema)
+            apply_fallback(fallback, self.state, grad_of, group_of, self.fallback_lr)
 
         self.grng_step += 1
         self._gate.wanted = self._curvature_due()

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from lightning_grng.curvature.block import KroneckerBlock
 from lightning_grng.curvature.capture import CurvatureCapture, FactorAccumulator, LossReduction
@@ -18,7 +19,15 @@ from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
 from lightning_grng.optim.arguments import documented, hyperparameters
 from lightning_grng.optim.base import GRNGOptimizer, ParamsT, StepGradients
 from lightning_grng.optim.damping import DampingArgs, DampingMode
-from lightning_grng.optim.routes import CurvatureSource, Due, Preconditioner, Route, route_for
+from lightning_grng.optim.routes import (
+    BasisRefresh,
+    CurvatureSource,
+    Due,
+    Preconditioner,
+    Route,
+    check_basis_options,
+    route_for,
+)
 from lightning_grng.optim.validation import check_choice, check_int, check_range
 
 log = logging.getLogger("lightning_grng")
@@ -71,6 +80,9 @@ class KFAC(GRNGOptimizer):
         beta2: float = 0.95,
         power: float = 0.5,
         curvature: str = "kfac",
+        refresh: str = "eigh",
+        stagger_first: int | None = None,
+        max_factor: int | None = None,
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 
@@ -91,7 +103,14 @@ class KFAC(GRNGOptimizer):
             )
         inverse = hp.pop("inverse")
         inverse = None if inverse is None else check_choice(name, "inverse", inverse, InverseMethod)
-        route_cls = route_for(name, self.preconditioner, inverse, self.kfac_inverse)
+        refresh = check_choice(name, "refresh", hp.pop("refresh"), BasisRefresh)
+        route_cls = route_for(name, self.preconditioner, inverse, self.kfac_inverse, refresh)
+        #: Cost options of the eigh-based routes (None: off): blocks with a factor at least
+        #: ``stagger_first`` wide take a stand-in basis until their staggered slot; factors
+        #: wider than ``max_factor`` are kept as their diagonal.
+        self.stagger_first, self.max_factor = check_basis_options(
+            name, route_cls, hp.pop("stagger_first"), hp.pop("max_factor")
+        )
         self.route: Route = route_cls(
             beta2=check_range(name, "beta2", hp.pop("beta2"), 0.0, 1.0, high_open=True),
             power=check_range(name, "power", hp.pop("power"), 0.0, 1.0, low_open=True),
@@ -136,7 +155,10 @@ class KFAC(GRNGOptimizer):
         """Gradient statistics need no hooks on the layers' inputs and output gradients."""
         return self.curvature is CurvatureSource.KFAC
 
-    def _new_accumulator(self, block: KroneckerBlock) -> FactorAccumulator:
+    def _new_accumulator(self, block: KroneckerBlock) -> Any:
+        own = getattr(block, "new_accumulator", None)  # a block of several uses (tied weights)
+        if own is not None:
+            return own()
         return FactorAccumulator(block.n_in if block.diagonal_input else None)
 
     def factors(self, key: str) -> KroneckerFactors:
@@ -154,8 +176,8 @@ class KFAC(GRNGOptimizer):
         if key in self._foreign:
             return True
         grad = block.weight.grad
-        if grad is None or accumulator.a_sum is None:
-            return False
+        if grad is None or getattr(accumulator, "a_sum", None) is None:
+            return False  # no statistics yet, or a tied block's (its uses are known)
         flag = block.foreign_gradient(grad, accumulator.a_sum)
         if flag is not None:
             self._note(
@@ -192,7 +214,7 @@ class KFAC(GRNGOptimizer):
                 continue
             factors = self.factors(key)
             V = block.to_matrix(*[grads.of[p] for p in params])
-            A, G = gradient_factors(V, block.diagonal_input, factors.dtype)
+            A, G = self._gradient_statistics(block, V, factors.dtype)
             ok = factors.update(A, G, self.ema_decay, accept=self._readback.step_ok)
             self._note(~ok, self._rejection_counter(block))
 
@@ -201,10 +223,41 @@ class KFAC(GRNGOptimizer):
     ) -> Tensor:
         if self._used_elsewhere(key, block, accumulator):
             return torch.ones((), dtype=torch.bool, device=block.weight.device)
-        A, G = accumulator.averaged(LossReduction(self.loss_reduction))
+        A, G = self._size_policy(*accumulator.averaged(LossReduction(self.loss_reduction)))
         # Non-finite statistics (and a step that turns out skipped) leave the factors as they
         # were; decided on the device, counted at the step's read-back.
         return self.factors(key).update(A, G, self.ema_decay, accept=self._readback.step_ok)
+
+    def _size_policy(self, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+        """``max_factor``: a factor wider than it is kept as its diagonal ``(groups, n)`` (its
+        eigenbasis the identity, like an embedding's A); the others pass unchanged."""
+        cap = self.max_factor
+        if cap is None:
+            return A, G
+        return tuple(  # type: ignore[return-value]
+            torch.diagonal(F, dim1=-2, dim2=-1).contiguous()
+            if F.dim() == 3 and F.shape[-1] > cap
+            else F
+            for F in (A, G)
+        )
+
+    def _gradient_statistics(
+        self, block: KroneckerBlock, V: Tensor, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """Gradient statistics ``(Vᵀ V, V Vᵀ)``, a side kept diagonal never formed dense."""
+        diagonal = self._diagonal_factors(block)
+        if "G" not in diagonal:
+            return gradient_factors(V, "A" in diagonal, dtype)
+        V = V.to(dtype)
+        square = V * V
+        A = square.sum(-2) if "A" in diagonal else V.transpose(-1, -2) @ V
+        return A, square.sum(-1)
+
+    def _diagonal_factors(self, block: KroneckerBlock) -> tuple[str, ...]:
+        """The factors of ``block`` stored as their diagonal (``"A"``, ``"G"``)."""
+        cap = math.inf if self.max_factor is None else self.max_factor
+        a_diagonal = block.diagonal_input or block.n_in > cap
+        return ("A",) * a_diagonal + ("G",) * (block.n_out > cap)
 
     # ------------------------------------------------------------------ refresh
     def _refresh_due(self, index: int, block: KroneckerBlock) -> bool:
@@ -221,6 +274,15 @@ class KFAC(GRNGOptimizer):
         offset = index * period // max(len(self._blocks), 1) if self.stagger else 0
         return (self.grng_step + offset) % period == 0
 
+    def _stand_in_first(self, index: int, block: KroneckerBlock) -> bool:
+        """``stagger_first``: a block with a factor at least that wide, refreshed for the first
+        time off its staggered slot, takes a stand-in basis (no decomposition) until the slot,
+        so the first decompositions are spread like the later ones."""
+        width = self.stagger_first
+        if width is None or max(block.n_in, block.n_out) < width:
+            return False
+        return not self._refresh_due(index, block)
+
     def _prepare(self, grads: StepGradients) -> None:
         """Refreshes, through the route, every block that is due (the first one at once)."""
         group_of = {p: g for g in self.param_groups for p in g["params"]}
@@ -230,17 +292,24 @@ class KFAC(GRNGOptimizer):
             if factors is None or factors.updates == 0:
                 continue
             if not factors.ready or self._refresh_due(index, block):
-                due.append(Due(block, factors, self._damping(block, group_of[block.weight], grads)))
+                damping = self._damping(block, group_of[block.weight], grads)
+                stand_in = not factors.ready and self._stand_in_first(index, block)
+                due.append(Due(block, factors, damping, stand_in))
         self._announce_wide(due)
-        for d, failed in zip(due, self.route.refresh(due, self._readback.step_ok), strict=True):
+        with record_function("grng.refresh.route"):
+            failures = self.route.refresh(due, self._readback.step_ok)
+        for d, failed in zip(due, failures, strict=True):
             self._note(failed, self._count_inverse_failure)
             if d.factors.unusable is not None:
                 self._note(d.factors.unusable, self._cold_start_setter(d.factors))
+            for side, drifted in enumerate(d.factors.drifted):
+                if drifted is not None:
+                    self._note(drifted, self._full_eigh_setter(d.factors, side))
 
     def _announce_wide(self, due: list[Due]) -> None:
         """Says once, with the sizes, that a refresh decomposes very wide factors (the first
         step of a ResNet's 4608-wide conv factors takes tens of seconds on a CPU)."""
-        wide = [(max(d.block.n_in, d.block.n_out), d.block.name) for d in due]
+        wide = [(_decomposed_width(d.factors), d.block.name) for d in due if not d.stand_in]
         wide = [(n, name) for n, name in wide if n >= WIDE_FACTOR]
         if not wide or "wide" in self._warned:
             return
@@ -268,6 +337,13 @@ class KFAC(GRNGOptimizer):
             factors.cold_next = bool(unusable)
 
         return set_cold
+
+    @staticmethod
+    def _full_eigh_setter(factors: KroneckerFactors, side: int) -> Any:
+        def set_full(drifted: float) -> None:
+            factors.full_next[side] = bool(drifted)
+
+        return set_full
 
     # ------------------------------------------------------------------ precondition
     def _damping(
@@ -323,7 +399,7 @@ class KFAC(GRNGOptimizer):
         self._check_factor_shapes(
             block,
             {"A": (factors.A, block.n_in), "G": (factors.G, block.n_out)},
-            diagonal=("A",) if block.diagonal_input else (),
+            diagonal=self._diagonal_factors(block),
         )
         moment = factors.moment
         if moment is not None and tuple(moment.shape) != (block.groups, block.n_out, block.n_in):
@@ -340,3 +416,10 @@ class KFAC(GRNGOptimizer):
 
     def _curvature_store(self) -> dict[str, Any]:
         return self._factors
+
+
+def _decomposed_width(factors: KroneckerFactors) -> int:
+    """The width of the widest factor a refresh decomposes (one stored as its diagonal is not)."""
+    return max(
+        (F.shape[-1] for F in (factors.A, factors.G) if F is not None and F.dim() == 3), default=0
+    )

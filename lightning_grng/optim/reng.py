@@ -8,8 +8,9 @@ from enum import Enum
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from lightning_grng.curvature.sdpa import use_math_sdpa
 from lightning_grng.optim.arguments import documented, hyperparameters
 from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, ParamsT
 from lightning_grng.optim.kfac import KFAC
@@ -74,6 +75,9 @@ class RENG(KFAC):
         beta2: float = 0.95,
         power: float = 0.5,
         curvature: str = "kfac",
+        refresh: str = "eigh",
+        stagger_first: int | None = None,
+        max_factor: int | None = None,
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 
@@ -97,6 +101,13 @@ class RENG(KFAC):
     def needs_double_backward(self) -> bool:
         """Whether the training loop's backward must keep the graph of the gradient."""
         return self.gr_mode is GRMode.DOUBLE_BACKPROP and self.regularizes
+
+    def _hooks_on_model(self, model: nn.Module) -> list[Any]:
+        """Double backprop differentiates attention's backward, which the fused SDPA kernels
+        cannot: training forwards of ``model`` run the math kernel (``curvature/sdpa.py``)."""
+        if self.gr_mode is GRMode.DOUBLE_BACKPROP:
+            return [use_math_sdpa(model)]
+        return []
 
     def _rho_of(self) -> dict[Tensor, float]:
         return {p: group["rho"] for group in self.param_groups for p in group["params"]}

@@ -68,6 +68,9 @@ class RING(KFAC):
         beta2: float = 0.95,
         power: float = 0.5,
         curvature: str = "kfac",
+        refresh: str = "eigh",
+        stagger_first: int | None = None,
+        max_factor: int | None = None,
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 
