@@ -350,6 +350,33 @@ STRENGTH: tuple[OptimizerSpec, ...] = (
         "grng",
     ),
     _variant(
+        "RING-grad-adam",
+        lambda m, lr: lg.RING(
+            m.parameters(), lr=lr, inverse_every=10, momentum_on="gradient", **GRADIENT
+        ),
+        EIGEN_GRID,
+        "RING-grad with SOAP's order: the gradient's first moment, preconditioned",
+        "grng",
+    ),
+    _variant(
+        "RING-grad-adam-f2",
+        lambda m, lr: lg.RING(
+            m.parameters(), lr=lr, inverse_every=2, momentum_on="gradient", **GRADIENT
+        ),
+        EIGEN_GRID,
+        "RING-grad-adam with the basis refreshed every 2 steps",
+        "grng",
+    ),
+    _variant(
+        "KFAC-grad-adam",
+        lambda m, lr: lg.KFAC(
+            m.parameters(), lr=lr, inverse_every=10, momentum_on="gradient", **GRADIENT
+        ),
+        EIGEN_GRID,
+        "KFAC (rho = 0) with gradient statistics and SOAP's order of momentum",
+        "kfac",
+    ),
+    _variant(
         "RING-grad-rho0",
         lambda m, lr: lg.RING(m.parameters(), lr=lr, rho=0.0, inverse_every=10, **GRADIENT),
         (),

@@ -119,3 +119,43 @@ def test_gradient_source_needs_the_eigen_mode():
         lg.RING(nn.Linear(2, 2).parameters(), curvature="gradient", preconditioner="kfac")
     with pytest.raises(ValueError, match=r"invalid curvature='shampoo'"):
         lg.KFAC(nn.Linear(2, 2).parameters(), curvature="shampoo")
+
+
+def test_momentum_on_gradient_is_adam_in_the_eigenbasis():
+    """momentum_on='gradient' (SOAP's order): the bias-corrected first moment of the gradient,
+    rotated and divided by sqrt(D + γ); no momentum on the direction afterwards."""
+    model = mlp()
+    beta1, beta2, lam = 0.9, 0.95, 1e-3
+    opt = lg.KFAC(
+        model.parameters(),
+        **{**ONE_STEP, "inverse_every": 100, "momentum": beta1},
+        beta2=beta2,
+        damping=lam,
+        momentum_on="gradient",
+    )
+    lg.attach(model, opt, report=False)
+    g = torch.Generator().manual_seed(3)
+    batches = [
+        (torch.randn(8, 5, generator=g, dtype=F64), torch.randint(0, 3, (8,), generator=g))
+        for _ in range(2)
+    ]
+    grads = []
+    for x, y in batches:
+        grads.append(_grad_matrices(model, x, y)[0])
+        before = torch.cat([model[0].weight, model[0].bias[:, None]], 1).detach().clone()
+        _step(opt, model, x, y)
+    after = torch.cat([model[0].weight, model[0].bias[:, None]], 1).detach()
+    V1, V2 = grads
+    _, Q_G = torch.linalg.eigh(V1 @ V1.T)  # the basis of the first step's factors
+    _, Q_A = torch.linalg.eigh(V1.T @ V1)
+    R1, R2 = (Q_G.T @ V @ Q_A for V in (V1, V2))
+    m = (beta1 * (1 - beta1) * V1 + (1 - beta1) * V2) / (1 - beta1**2)
+    D = (beta2 * (1 - beta2) * R1**2 + (1 - beta2) * R2**2) / (1 - beta2**2)
+    expected = Q_G @ ((Q_G.T @ m @ Q_A) / torch.sqrt(D + lam * D.mean())) @ Q_A.T
+    torch.testing.assert_close(before - after, expected, rtol=1e-9, atol=1e-12)
+    assert "momentum_buffer" not in opt.state[model[0].weight]
+
+
+def test_momentum_on_gradient_needs_the_eigen_mode():
+    with pytest.raises(ValueError, match=r"momentum_on='gradient' .* preconditioner='eigen'"):
+        lg.KFAC(nn.Linear(2, 2).parameters(), preconditioner="kfac", momentum_on="gradient")

@@ -66,7 +66,10 @@ class KroneckerFactors:
         dtype: storage dtype of the factors (statistics arrive in float32 or better and are cast).
     """
 
-    TENSORS = ("A", "G", "eval_A", "evec_A", "eval_G", "evec_G", "inv_A", "inv_G", "moment")
+    TENSORS = (
+        "A", "G", "eval_A", "evec_A", "eval_G", "evec_G", "inv_A", "inv_G", "moment",
+        "first_moment",
+    )  # fmt: skip
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -82,6 +85,10 @@ class KroneckerFactors:
         #: ``(g, n_out, n_in)``, and how many gradients it holds (for the bias correction).
         self.moment: Tensor | None = None
         self.moment_count = 0
+        #: ``momentum_on="gradient"``: EMA of the gradient matrix itself (Adam's first moment,
+        #: in parameter coordinates, so a basis change leaves it alone), and its count.
+        self.first_moment: Tensor | None = None
+        self.first_count = 0
         self.updates = 0
         self.newton_iterations = 0
         #: Device flag: the factors hold at least one accepted statistic (None: loaded state).
@@ -323,8 +330,23 @@ class KroneckerFactors:
         self.moment_count += 1
         return self.moment / (1.0 - beta2**self.moment_count)
 
+    def update_first_moment(self, V: Tensor, beta1: float) -> Tensor:
+        """Absorbs the gradient matrix ``V`` into the first moment and returns its bias-corrected
+        value ``m / (1 − β₁ᵗ)`` (Adam's). A non-finite ``V`` leaves it unchanged (on the
+        device)."""
+        V = V.to(self.dtype)
+        if self.first_moment is None or self.first_moment.shape != V.shape:
+            self.first_moment, self.first_count = torch.zeros_like(V), 0
+        ok = torch.isfinite(V).all()
+        blended = self.first_moment * beta1 + V * (1.0 - beta1)
+        self.first_moment = torch.where(ok, blended, self.first_moment)
+        self.first_count += 1
+        return self.first_moment / (1.0 - beta1**self.first_count)
+
     def state_dict(self) -> dict[str, object]:
         state: dict[str, object] = {"updates": self.updates, "moment_count": self.moment_count}
+        if self.first_moment is not None:
+            state["first_count"] = self.first_count
         if any(self.full_next):  # a pending full eigh (warm route; a stand-in basis)
             state["full_next"] = list(self.full_next)
         for key in self.TENSORS:
@@ -336,6 +358,7 @@ class KroneckerFactors:
     def load_state_dict(self, state: dict[str, object], device: torch.device) -> None:
         self.updates = int(state.get("updates", 0))  # type: ignore[arg-type]
         self.moment_count = int(state.get("moment_count", 0))  # type: ignore[arg-type]
+        self.first_count = int(state.get("first_count", 0))  # type: ignore[arg-type]
         for key in self.TENSORS:
             value = state.get(key)
             # Keep the saved dtype: optimizer checkpoints must not silently downcast factors.

@@ -69,6 +69,9 @@ DESCRIPTIONS: dict[str, str] = {
     "max_factor": "None (default) or a width: a Kronecker factor wider than this is kept as "
     "its diagonal (its eigenbasis the identity, like an embedding's input factor), so it is "
     "never decomposed. eigh-based routes only.",
+    "momentum_on": "what momentum averages: 'direction' (the preconditioned update) or "
+    "'gradient' (the gradient's first moment, then preconditioned, as Adam and SOAP do; "
+    "eigen mode only).",
     "rho": "gradient-regularization strength rho >= 0.",
     "gr_mode": "'double_backprop' (exact Hg; needs loss.backward(create_graph=True), "
     "lightning_grng.regularized_backward or GRNGStrategy) or 'finite_difference' (one extra "

@@ -267,6 +267,10 @@ class GRNGOptimizer(AttachmentMixin, StatisticsStage, CheckpointMixin):
         """Preconditioned ``(groups, n_out, n_in)`` matrix, or None while no curvature exists."""
         raise NotImplementedError
 
+    def _momentum_carried(self, directions: dict[Tensor, Tensor]) -> set[Tensor]:
+        """Parameters whose direction already holds a first moment (no momentum added)."""
+        return set()
+
     def _reported_damping(self, group: dict[str, Any]) -> float | Tensor:
         """The step's damping in the units of the active route, for ``diagnostics``."""
         return group["damping"] * self.damping_boost
@@ -314,7 +318,10 @@ class GRNGOptimizer(AttachmentMixin, StatisticsStage, CheckpointMixin):
             used = {p: grad_of[p] for p in directions}
             scale = kl_clip_scale(self.kl_clip, directions, used, group_of)
             binding = self._kl_binding.count(scale)
-            apply_directions(self.param_groups, self.state, directions, scale, self.momentum_ema)
+            carried = self._momentum_carried(directions)
+            apply_directions(
+                self.param_groups, self.state, directions, scale, self.momentum_ema, carried
+            )
             apply_fallback(fallback, self.state, grad_of, group_of, self.fallback_lr)
 
         self.grng_step += 1

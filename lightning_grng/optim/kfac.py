@@ -23,6 +23,8 @@ from lightning_grng.optim.routes import (
     BasisRefresh,
     CurvatureSource,
     Due,
+    EigenRoute,
+    MomentumOn,
     Preconditioner,
     Route,
     check_basis_options,
@@ -80,6 +82,7 @@ class KFAC(GRNGOptimizer):
         beta2: float = 0.95,
         power: float = 0.5,
         curvature: str = "kfac",
+        momentum_on: str = "direction",
         refresh: str = "eigh",
         stagger_first: int | None = None,
         max_factor: int | None = None,
@@ -111,10 +114,17 @@ class KFAC(GRNGOptimizer):
         self.stagger_first, self.max_factor = check_basis_options(
             name, route_cls, hp.pop("stagger_first"), hp.pop("max_factor")
         )
+        self.momentum_on = check_choice(name, "momentum_on", hp.pop("momentum_on"), MomentumOn)
+        if self.momentum_on is MomentumOn.GRADIENT and not issubclass(route_cls, EigenRoute):
+            raise ValueError(
+                f"{name}: momentum_on='gradient' preconditions the gradient's first moment with "
+                "the eigen mode's second moment; use it with preconditioner='eigen'."
+            )
         self.route: Route = route_cls(
             beta2=check_range(name, "beta2", hp.pop("beta2"), 0.0, 1.0, high_open=True),
             power=check_range(name, "power", hp.pop("power"), 0.0, 1.0, low_open=True),
             newton_iters=check_int(name, "newton_iters", hp.pop("newton_iters")),
+            first_moment=self.momentum_on is MomentumOn.GRADIENT,
         )
         self.inverse = InverseMethod.NEWTON if route_cls.name == "newton" else InverseMethod.EIGH
         self.damping_mode = check_choice(name, "damping_mode", hp.pop("damping_mode"), DampingMode)
@@ -370,10 +380,18 @@ class KFAC(GRNGOptimizer):
         factors = self._factors.get(key)
         if factors is None or not factors.ready:
             return None
-        U, ratio = self.route.direction(block, factors, V, self._damping(block, group, grads))
+        damping = self._damping(block, group, grads)
+        U, ratio = self.route.direction(block, factors, V, damping, group["momentum"])
         if ratio is not None:
             self._damping_ratios[block.name] = ratio.mean()
         return U
+
+    def _momentum_carried(self, directions: dict[Tensor, Tensor]) -> set[Tensor]:
+        """The parameters whose direction already holds the gradient's first moment (the
+        route keeps it: ``momentum_on="gradient"``), so the template adds no momentum."""
+        if not self.route.first_moment:
+            return set()
+        return {p for b in self._blocks.values() for p in b.params() if p in directions}
 
     def _reported_damping(self, group: dict[str, Any]) -> float | Tensor:
         """Relative mode: the mean over blocks of γ / mean curvature (λ·boost, plus RING's GR

@@ -75,6 +75,7 @@ class RENG(KFAC):
         beta2: float = 0.95,
         power: float = 0.5,
         curvature: str = "kfac",
+        momentum_on: str = "direction",
         refresh: str = "eigh",
         stagger_first: int | None = None,
         max_factor: int | None = None,

@@ -71,6 +71,16 @@ class BasisRefresh(str, Enum):
     WARM = "warm"
 
 
+class MomentumOn(str, Enum):
+    """What momentum averages (``docs/algorithms.md`` §8.4)."""
+
+    #: The preconditioned direction U (an EMA in the eigen mode, heavy ball in the kfac mode).
+    DIRECTION = "direction"
+    #: The gradient, whose first moment is then preconditioned (Adam's and SOAP's order;
+    #: eigen mode only).
+    GRADIENT = "gradient"
+
+
 @dataclass
 class Due:
     """A block whose representation is refreshed this step, with its damping (the routes that
@@ -110,8 +120,14 @@ class Route(ABC):
     #: moment does) instead of heavy ball ``m ← μm + U``.
     momentum_ema: ClassVar[bool] = False
 
-    def __init__(self, beta2: float, power: float, newton_iters: int) -> None:
+    def __init__(
+        self, beta2: float, power: float, newton_iters: int, first_moment: bool = False
+    ) -> None:
         self.beta2, self.power, self.newton_iters = beta2, power, newton_iters
+        #: The route preconditions Adam's first moment of the gradient (``momentum_on=
+        #: "gradient"``: SOAP's order) instead of the gradient; the template's momentum on the
+        #: direction is then off for its blocks.
+        self.first_moment = first_moment
 
     @abstractmethod
     def refresh(self, due: list[Due], accept: Tensor | None) -> list[Tensor]:
@@ -121,10 +137,17 @@ class Route(ABC):
 
     @abstractmethod
     def direction(
-        self, block: KroneckerBlock, factors: KroneckerFactors, V: Tensor, damping: DampingArgs
+        self,
+        block: KroneckerBlock,
+        factors: KroneckerFactors,
+        V: Tensor,
+        damping: DampingArgs,
+        beta1: float = 0.0,
     ) -> tuple[Tensor, Tensor | None]:
         """The preconditioned ``(groups, n_out, n_in)`` matrix of gradient ``V`` and the damping
-        used, in the route's units (γ / mean curvature per group; None if unknown)."""
+        used, in the route's units (γ / mean curvature per group; None if unknown). ``beta1``
+        is the group's momentum, for a route that keeps the gradient's first moment itself
+        (:attr:`first_moment`)."""
 
 
 class EighRoute(Route):
@@ -184,7 +207,12 @@ class EighRoute(Route):
         raise ValueError(f"the {self.name} route has no {kind!r} refresh")
 
     def direction(
-        self, block: KroneckerBlock, factors: KroneckerFactors, V: Tensor, damping: DampingArgs
+        self,
+        block: KroneckerBlock,
+        factors: KroneckerFactors,
+        V: Tensor,
+        damping: DampingArgs,
+        beta1: float = 0.0,
     ) -> tuple[Tensor, Tensor | None]:
         gamma, ratio = kronecker_damping(
             factors.mean_eigenvalue(), block.n_in * block.n_out, damping
@@ -205,13 +233,22 @@ class EigenRoute(EighRoute):
     momentum_ema = True
 
     def direction(
-        self, block: KroneckerBlock, factors: KroneckerFactors, V: Tensor, damping: DampingArgs
+        self,
+        block: KroneckerBlock,
+        factors: KroneckerFactors,
+        V: Tensor,
+        damping: DampingArgs,
+        beta1: float = 0.0,
     ) -> tuple[Tensor, Tensor | None]:
-        """Absorbs this step's ``R`` into D (the route's per-step state), then scales R."""
+        """Absorbs this step's ``R`` into D (the route's per-step state), then scales R, or,
+        with :attr:`first_moment`, the rotated first moment of the gradient (Adam in the
+        eigenbasis, as SOAP: ``Q (Qᵀ m̂ Q ∘ (D + γ + ρR∘R)^(−p)) Qᵀ``)."""
         R = factors.to_eigenbasis(V)
         D = factors.update_moment(R, self.beta2)
         curvature, ratio = eigen_curvature(D, R, damping)
         scale = curvature.rsqrt() if self.power == 0.5 else curvature.pow(-self.power)
+        if self.first_moment:
+            R = factors.to_eigenbasis(factors.update_first_moment(V, beta1))
         return factors.from_eigenbasis(R * scale, V.dtype), ratio
 
 
@@ -290,7 +327,12 @@ class NewtonRoute(Route):
         return failed
 
     def direction(
-        self, block: KroneckerBlock, factors: KroneckerFactors, V: Tensor, damping: DampingArgs
+        self,
+        block: KroneckerBlock,
+        factors: KroneckerFactors,
+        V: Tensor,
+        damping: DampingArgs,
+        beta1: float = 0.0,
     ) -> tuple[Tensor, Tensor | None]:
         return factors.precondition(V, 0.0), factors.damping_ratio
 

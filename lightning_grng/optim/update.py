@@ -67,16 +67,18 @@ def apply_directions(
     directions: dict[Tensor, Tensor],
     scale: float | Tensor,
     momentum_ema: bool,
+    carried: set[Tensor] | frozenset[Tensor] = frozenset(),
 ) -> None:
     """``θ ← θ(1 − lr·wd) − lr·m`` with ``m ← μm + U`` (heavy ball) or ``m ← μm + (1 − μ)U``
-    (``momentum_ema``: the step keeps U's units); U = ``scale`` × the direction."""
+    (``momentum_ema``: the step keeps U's units); U = ``scale`` × the direction. The
+    parameters in ``carried`` take U itself (their direction already holds a first moment)."""
     for group in param_groups:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         for p in group["params"]:
             if p not in directions:
                 continue
             update = directions[p].to(p.dtype).mul(scale)
-            if mu > 0.0:
+            if mu > 0.0 and p not in carried:
                 buf = state[p].get("momentum_buffer")
                 if buf is None:
                     state[p]["momentum_buffer"] = buf = update.clone()
