@@ -40,7 +40,7 @@ def summarize(task_dir: Path) -> tuple[str, list[str]]:
     lines += ["| optimizer | lr | mean ± std | train s |", "|---|---|---|---|"]
     order = sorted(stats, key=lambda n: stats[n][0], reverse=task.higher_is_better)
     for n in order:
-        m, sd, k, lr, sec = stats[n]
+        m, sd, _, lr, sec = stats[n]
         mark = " **(best baseline)**" if n == best_base else " **(best GRNG)**" * (n == best_ours)
         lines.append(f"| {n}{mark} | {lr:g} | {m:.4f} ± {sd:.4f} | {sec:.1f} |")
     lead = stats[best_ours][0] - stats[best_base][0]
