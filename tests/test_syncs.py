@@ -27,6 +27,10 @@ OPTIMIZERS = {
     "RENG": lambda p: RENG_K(p, inverse_every=3, **SCHEDULE),
     "KFAC-eigen": lambda p: lg.KFAC(p, inverse_every=3, **SCHEDULE),
     "RING-eigen": lambda p: lg.RING(p, inverse_every=3, **SCHEDULE),
+    "RING-gradient-adam": lambda p: lg.RING(
+        p, inverse_every=3, curvature="gradient", momentum_on="gradient", **SCHEDULE
+    ),
+    "RING-warm": lambda p: lg.RING(p, inverse_every=3, refresh="warm", **SCHEDULE),
     "RENG-newton": lambda p: RENG_K(p, inverse="newton", inverse_every=3, **SCHEDULE),
     "RKalman": lambda p: lg.RKalman(p, **SCHEDULE),
     "RKalman-noise": lambda p: lg.RKalman(p, rho_mode="noise", measurement="rows", **SCHEDULE),
