@@ -31,9 +31,11 @@ DESCRIPTIONS: dict[str, str] = {
     "damping_mode": "'relative' (default: gamma = lambda times each block's mean curvature, so "
     "lambda is scale-free) or 'absolute' (gamma = lambda).",
     "ema_decay": "decay of the Kronecker factors' moving averages, in [0, 1).",
-    "curvature_every": "gather the curvature statistics every this many steps.",
+    "curvature_every": "gather the curvature statistics every this many steps. None: 1 with "
+    "gradient statistics, 5 with K-FAC statistics.",
     "inverse_every": "refresh the eigenbasis (eigen mode) or the inverses (kfac mode) every "
-    "this many steps; blocks are staggered over the period.",
+    "this many steps; blocks are staggered over the period. None: 10 with gradient "
+    "statistics, 20 with K-FAC statistics.",
     "inverse": "how the kfac mode represents its inverse: 'eigh' (exact damping from "
     "eigendecompositions) or 'newton' (warm-started Newton-Schulz inverses, matmuls only). "
     "The eigen mode needs 'eigh'. None: 'eigh'.",

@@ -20,6 +20,7 @@ from lightning_grng.optim.arguments import documented, hyperparameters
 from lightning_grng.optim.base import GRNGOptimizer, ParamsT, StepGradients
 from lightning_grng.optim.damping import DampingArgs, DampingMode
 from lightning_grng.optim.routes import (
+    SOURCE_DEFAULTS,
     BasisRefresh,
     CurvatureSource,
     Due,
@@ -69,8 +70,8 @@ class KFAC(GRNGOptimizer):
         damping: float | None = None,
         damping_mode: str = "relative",
         ema_decay: float = 0.95,
-        curvature_every: int = 5,
-        inverse_every: int = 20,
+        curvature_every: int | None = None,
+        inverse_every: int | None = None,
         inverse: str | None = None,
         newton_iters: int = 30,
         kl_clip: float | None = 1e-2,
@@ -94,7 +95,11 @@ class KFAC(GRNGOptimizer):
         self.preconditioner = check_choice(
             name, "preconditioner", hp.pop("preconditioner"), Preconditioner
         )
-        self.curvature = check_choice(name, "curvature", hp.pop("curvature"), CurvatureSource)
+        curvature = hp.pop("curvature") or "kfac"
+        self.curvature = check_choice(name, "curvature", curvature, CurvatureSource)
+        for key, value in SOURCE_DEFAULTS[self.curvature].items():
+            if hp[key] is None:
+                hp[key] = value
         if (
             self.curvature is CurvatureSource.GRADIENT
             and self.preconditioner is not Preconditioner.EIGEN
@@ -114,7 +119,8 @@ class KFAC(GRNGOptimizer):
         self.stagger_first, self.max_factor = check_basis_options(
             name, route_cls, hp.pop("stagger_first"), hp.pop("max_factor")
         )
-        self.momentum_on = check_choice(name, "momentum_on", hp.pop("momentum_on"), MomentumOn)
+        momentum_on = hp.pop("momentum_on") or "direction"
+        self.momentum_on = check_choice(name, "momentum_on", momentum_on, MomentumOn)
         if self.momentum_on is MomentumOn.GRADIENT and not issubclass(route_cls, EigenRoute):
             raise ValueError(
                 f"{name}: momentum_on='gradient' preconditions the gradient's first moment with "

@@ -61,6 +61,15 @@ class CurvatureSource(str, Enum):
     GRADIENT = "gradient"
 
 
+#: The statistics and refresh schedule of each source when the optimizer is given None: gradient
+#: statistics cost two matmuls per block, so they are taken every step, as SOAP does;
+#: K-FAC statistics need the activation capture, so every 5 (``docs/defaults.md``).
+SOURCE_DEFAULTS: dict[CurvatureSource, dict[str, int]] = {
+    CurvatureSource.KFAC: dict(curvature_every=5, inverse_every=20),
+    CurvatureSource.GRADIENT: dict(curvature_every=1, inverse_every=10),
+}
+
+
 class BasisRefresh(str, Enum):
     """How the eigen mode keeps its eigenbasis up to date (the optimizers' ``refresh``)."""
 

@@ -105,8 +105,15 @@ def run(name: str) -> list[Tensor]:
         torch.set_num_threads(threads)
 
 
+#: The defaults of KFAC, RING and RENG when the trajectories were recorded (the eigen mode's
+#: defaults moved to gradient statistics with Adam-order momentum since: issue 23).
+RECORDED_DEFAULTS = dict(curvature="kfac", momentum_on="direction")
+
+
 def _run(name: str) -> list[Tensor]:
     cls_name, kwargs, last_group = CASES[name]
+    if cls_name != "RKalman":
+        kwargs = {**RECORDED_DEFAULTS, **kwargs}
     torch.manual_seed(0)
     model = Net().double()
     params = list(model.parameters())
