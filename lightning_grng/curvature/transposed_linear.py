@@ -25,26 +25,18 @@ import torch
 from torch import Tensor, nn
 
 from lightning_grng.curvature.block import KroneckerBlock, Unsupported
+from lightning_grng.curvature.linear import LinearBlock
 
 
-class TransposedLinearBlock(KroneckerBlock):
-    """A layer ``y = x @ W + b`` with ``W`` of shape ``(in, out)``; its matrix is ``W.T``."""
+class TransposedLinearBlock(LinearBlock):
+    """A layer ``y = x @ W + b`` with ``W`` of shape ``(in, out)``; its matrix is ``W.T``. The
+    statistics are a Linear layer's; only the weight's orientation differs."""
 
     def __init__(self, module: nn.Module, name: str, with_bias: bool = True) -> None:
         n_in, n_out = module.weight.shape  # type: ignore[union-attr]
-        super().__init__(module, name, groups=1, fan_in=n_in, n_out=n_out, with_bias=with_bias)
-
-    def samples(self, x: Tensor) -> int:
-        return x.numel() // max(x.shape[-1], 1) if x.dim() > 1 else 1
-
-    def input_rows(self, x: Tensor) -> Tensor:
-        return self._append_ones(x.reshape(1, -1, x.shape[-1]))
-
-    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
-        return grad_output.reshape(1, -1, grad_output.shape[-1])
-
-    def weight_matrix_shape(self) -> tuple[int, int, int]:
-        return (1, self.n_out, self.n_in - self.has_bias)
+        KroneckerBlock.__init__(
+            self, module, name, groups=1, fan_in=n_in, n_out=n_out, with_bias=with_bias
+        )
 
     def to_matrix(self, weight_like: Tensor, bias_like: Tensor | None = None) -> Tensor:
         return super().to_matrix(weight_like.T, bias_like)
