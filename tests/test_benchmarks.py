@@ -169,14 +169,17 @@ def test_reported_gradient_norm_is_the_plain_gradient_norm_for_reng():
     assert norm == pytest.approx(float(plain), rel=1e-5)
 
 
-def _fake_results(tmp_path, adamw, ring):
-    """Two optimizers, one accuracy task; curves as {seed: [(step, seconds, test)]}."""
+def _fake_results(tmp_path, adamw, ring, kfac=None):
+    """Two optimizers (three with ``kfac``), one accuracy task; curves as
+    {seed: [(step, seconds, test)]}."""
+    families = {"AdamW": "baseline", "RING": "grng", "KFAC": "kfac"}
     meta = {"profile": "tiny", "tasks": {"t": {"title": "T", "metric": "accuracy",
-            "higher_is_better": True}}, "optimizers": {"AdamW": {"family": "baseline"},
-            "RING": {"family": "grng"}}}  # fmt: skip
+            "higher_is_better": True}}, "optimizers": {
+            name: {"family": family} for name, family in families.items()}}  # fmt: skip
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     runs, points = [], []
-    for name, curves in (("AdamW", adamw), ("RING", ring)):
+    given = {"AdamW": adamw, "RING": ring, "KFAC": kfac}
+    for name, curves in ((n, c) for n, c in given.items() if c is not None):
         for seed, curve in curves.items():
             runs.append(dict.fromkeys(suite.RUN_FIELDS, "nan") | dict(
                 phase="final", task="t", optimizer=name, seed=seed, diverged="False",
@@ -200,6 +203,20 @@ def test_time_to_target_is_paired_by_seed(tmp_path):
     assert (ratio, reached, total) == (pytest.approx(6 / 20), 1, 2)
     assert report.target_ratio(res, "t", "AdamW", "step", "AdamW") == (1.0, 2, 2)
     assert res.best_baseline("t") == "AdamW"  # RING is this project's, never the reference
+
+
+def test_who_wins_names_a_winner_from_its_own_columns(tmp_path):
+    """A ρ = 0 KFAC that beats the best GRNG variant is named in its own column, and the winner
+    is always one of the three named optimizers."""
+    res = _fake_results(
+        tmp_path,
+        adamw={0: [(10, 1, 0.85)]},
+        ring={0: [(10, 1, 0.86)]},
+        kfac={0: [(10, 1, 0.88)]},
+    )
+    row = report.winners_table(res)[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:] == ["AdamW 85.00", "RING 86.00", "KFAC 88.00", "**KFAC**"]
 
 
 def test_resume_reruns_only_the_missing_runs(tmp_path):

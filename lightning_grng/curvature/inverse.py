@@ -144,6 +144,51 @@ def spd_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
     return evals.clamp_min(0.0), evecs
 
 
+_TIE_BREAKERS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _tie_breaker(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``n`` fixed distinct weights in ``[1, 2)`` (a seeded draw, the same on every process and
+    run): the diagonal that makes the null-space basis of :func:`settle_null_space` unique."""
+    key = (n, dtype, device)
+    if key not in _TIE_BREAKERS:
+        draw = torch.rand(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+        _TIE_BREAKERS[key] = (1.0 + draw).to(dtype=dtype, device=device)
+    return _TIE_BREAKERS[key]
+
+
+def settle_null_space(evals: Tensor, evecs: Tensor, rank_bound: int) -> Tensor:
+    """``evecs`` with the basis of each factor's null space made unique.
+
+    An eigh basis inside a repeated eigenvalue is arbitrary: for a rank-deficient factor
+    (gradient statistics after fewer updates than its width) the null-space columns are
+    whatever rounding picks, so two runs that differ only in rounding (another loss scale, a
+    DDP split) rotate the next gradients' null-space components differently and the eigen
+    mode's per-coordinate second moment drifts apart. The null space itself is well defined,
+    so its basis is replaced by the eigenvectors of ``P diag(d) P`` (P its orthogonal
+    projector, d fixed distinct weights), which are unique up to sign (the eigen step does not
+    depend on signs). Columns outside the null space are returned unchanged.
+
+    The null space of a batch element is at least the ``n − rank_bound`` smallest eigenvalues
+    (``rank_bound`` an upper bound on the rank, known from how the factor was built), plus
+    the eigenvalues at rounding level (``≤ n·ε·λ_max``). ``evals`` ascending, as eigh returns.
+    """
+    n = evecs.shape[-1]
+    index = torch.arange(n, device=evals.device)
+    floor = n * torch.finfo(evals.dtype).eps * evals[..., -1:].clamp_min(0.0)
+    null = (index < n - rank_bound) | (evals <= floor)  # a prefix of the ascending order
+    kept = null.sum(-1, keepdim=True)  # null columns per batch element
+    Qn = evecs * null[..., None, :]
+    P = Qn @ Qn.transpose(-1, -2)
+    d = _tie_breaker(n, evecs.dtype, evecs.device)
+    # Range directions get eigenvalue 0, null directions eigenvalues in [1, 2): the null
+    # basis is the last ``kept`` columns, in ascending order.
+    _, U = torch.linalg.eigh(symmetrize(P @ (d[:, None] * P)))
+    source = (index + (n - kept)).clamp_max(n - 1)  # null column j <- U's column n − kept + j
+    settled = U.gather(-1, source[..., None, :].expand_as(U))
+    return torch.where(null[..., None, :], settled, evecs)
+
+
 # ---------------------------------------------------------------------------- sync-free forms
 #: Newton–Schulz steps of a warm-started refresh. An accepted warm start has spectral radius
 #: ``ρ(I − X₀M) < 0.9``, so 7 steps give ``‖E‖ <= √n·0.9^128 ≈ 1e-5`` for n = 785 (the residual

@@ -22,8 +22,9 @@ DESCRIPTIONS: dict[str, str] = {
     "lr": "learning rate. In the default eigen mode it has Adam's units (typically 0.01-0.03; "
     "the update is invariant to the loss scale); in the kfac mode the KL-clip sets the step "
     "length (typically 0.01-0.3).",
-    "momentum": "momentum on the preconditioned update, in [0, 1): an EMA m = mu*m + (1-mu)*U "
-    "in the eigen mode, heavy ball m = mu*m + U in the kfac mode.",
+    "momentum": "momentum in [0, 1): in the eigen mode an EMA (of the gradient, or of the "
+    "preconditioned update with momentum_on='direction'), heavy ball m = mu*m + U on the "
+    "preconditioned update in the kfac mode.",
     "weight_decay": "decoupled weight decay (w = w*(1 - lr*wd)), >= 0.",
     "damping": "Tikhonov damping lambda > 0 in the units of damping_mode. None: the route's "
     "default, 1e-4 in the eigen mode (relative to the mean second moment D) and 100 in the "
@@ -58,7 +59,8 @@ DESCRIPTIONS: dict[str, str] = {
     "(0.5: Adam's scaling; 1: the natural gradient's).",
     "curvature": "where the Kronecker factors come from: 'kfac' (the paper's statistics of "
     "layer inputs and output gradients, captured by hooks) or 'gradient' (Shampoo/SOAP "
-    "statistics G G^T and G^T G of each weight's gradient: no hooks; eigen mode only).",
+    "statistics G G^T and G^T G of each weight's gradient: no hooks; eigen mode only). None: "
+    "'gradient' in the eigen mode, 'kfac' in the kfac mode.",
     "refresh": "how the eigen mode keeps its eigenbasis: 'eigh' (default: a full "
     "eigendecomposition of every due factor) or 'warm' (one orthogonal-iteration step "
     "Q = qr(F Q) from the previous basis, SOAP's warm start, batched over same-sized factors; "
@@ -73,7 +75,7 @@ DESCRIPTIONS: dict[str, str] = {
     "never decomposed. eigh-based routes only.",
     "momentum_on": "what momentum averages: 'direction' (the preconditioned update) or "
     "'gradient' (the gradient's first moment, then preconditioned, as Adam and SOAP do; "
-    "eigen mode only).",
+    "eigen mode only). None: 'gradient' in the eigen mode, 'direction' in the kfac mode.",
     "rho": "gradient-regularization strength rho >= 0.",
     "gr_mode": "'double_backprop' (exact Hg; needs loss.backward(create_graph=True), "
     "lightning_grng.regularized_backward or GRNGStrategy) or 'finite_difference' (one extra "

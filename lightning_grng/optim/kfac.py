@@ -82,8 +82,8 @@ class KFAC(GRNGOptimizer):
         preconditioner: str = "eigen",
         beta2: float = 0.95,
         power: float = 0.5,
-        curvature: str = "kfac",
-        momentum_on: str = "direction",
+        curvature: str | None = None,
+        momentum_on: str | None = None,
         refresh: str = "eigh",
         stagger_first: int | None = None,
         max_factor: int | None = None,
@@ -95,7 +95,10 @@ class KFAC(GRNGOptimizer):
         self.preconditioner = check_choice(
             name, "preconditioner", hp.pop("preconditioner"), Preconditioner
         )
-        curvature = hp.pop("curvature") or "kfac"
+        # The eigen mode's defaults are the measured best (gradient statistics, the gradient's
+        # first moment preconditioned: docs/defaults.md); the kfac mode's are the paper's.
+        eigen = self.preconditioner is Preconditioner.EIGEN
+        curvature = hp.pop("curvature") or ("gradient" if eigen else "kfac")
         self.curvature = check_choice(name, "curvature", curvature, CurvatureSource)
         for key, value in SOURCE_DEFAULTS[self.curvature].items():
             if hp[key] is None:
@@ -119,7 +122,7 @@ class KFAC(GRNGOptimizer):
         self.stagger_first, self.max_factor = check_basis_options(
             name, route_cls, hp.pop("stagger_first"), hp.pop("max_factor")
         )
-        momentum_on = hp.pop("momentum_on") or "direction"
+        momentum_on = hp.pop("momentum_on") or ("gradient" if eigen else "direction")
         self.momentum_on = check_choice(name, "momentum_on", momentum_on, MomentumOn)
         if self.momentum_on is MomentumOn.GRADIENT and not issubclass(route_cls, EigenRoute):
             raise ValueError(
@@ -310,7 +313,7 @@ class KFAC(GRNGOptimizer):
             if not factors.ready or self._refresh_due(index, block):
                 damping = self._damping(block, group_of[block.weight], grads)
                 stand_in = not factors.ready and self._stand_in_first(index, block)
-                due.append(Due(block, factors, damping, stand_in))
+                due.append(Due(block, factors, damping, stand_in, self._rank_bound(block, factors)))
         self._announce_wide(due)
         with record_function("grng.refresh.route"):
             failures = self.route.refresh(due, self._readback.step_ok)
@@ -321,6 +324,18 @@ class KFAC(GRNGOptimizer):
             for side, drifted in enumerate(d.factors.drifted):
                 if drifted is not None:
                     self._note(drifted, self._full_eigh_setter(d.factors, side))
+
+    def _rank_bound(
+        self, block: KroneckerBlock, factors: KroneckerFactors
+    ) -> tuple[int | None, int | None]:
+        """Per side (A, G), a bound on the rank of gradient statistics that may be below the
+        factor's width: each update adds one gradient matrix, of rank ≤ min(n_out, n_in), so
+        after k updates the rank is at most k·min(n_out, n_in). None where the factor may be
+        full rank (and always for K-FAC statistics, whose rows are the batch's tokens)."""
+        if self.curvature is not CurvatureSource.GRADIENT:
+            return (None, None)
+        bound = factors.updates * min(block.n_in, block.n_out)
+        return tuple(bound if bound < n else None for n in (block.n_in, block.n_out))  # type: ignore[return-value]
 
     def _announce_wide(self, due: list[Due]) -> None:
         """Says once, with the sizes, that a refresh decomposes very wide factors (the first

@@ -35,7 +35,11 @@ import torch
 from torch import Tensor
 
 from lightning_grng.curvature.block import KroneckerBlock
-from lightning_grng.curvature.inverse import batched_spd_eigh, batched_warm_eigh
+from lightning_grng.curvature.inverse import (
+    batched_spd_eigh,
+    batched_warm_eigh,
+    settle_null_space,
+)
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
 from lightning_grng.optim.damping import DampingArgs, eigen_curvature, kronecker_damping
 from lightning_grng.optim.validation import check_int
@@ -102,6 +106,10 @@ class Due:
     #: of decomposing: a wide block's first refresh off its staggered slot (``stagger_first``);
     #: its decomposition comes on the slot.
     stand_in: bool = False
+    #: Per side (A, G), an upper bound on the factor's rank where it may be below the width
+    #: (gradient statistics after few updates), else None: the eigenbasis of such a side gets
+    #: a unique null-space basis (:func:`~lightning_grng.curvature.inverse.settle_null_space`).
+    rank_bound: tuple[int | None, int | None] = (None, None)
 
 
 #: How one side (A or G) of a due block is refreshed by the eigh-based routes.
@@ -185,7 +193,10 @@ class EighRoute(Route):
         warm = iter(self._warm([(M, Q) for plan in plans for k, M, Q in plan if k == WARM]))
         failed = []
         for d, (_, _, ok), plan in zip(due, inputs, plans, strict=True):
-            results = [self._side_result(kind, M, eigs, warm) for kind, M, _ in plan]
+            results = [
+                _settled(self._side_result(kind, M, eigs, warm), kind, bound)
+                for (kind, M, _), bound in zip(plan, d.rank_bound, strict=True)
+            ]
             (eig_A, drift_A), (eig_G, drift_G) = results
             failed.append(d.factors.install_eigh(eig_A, eig_G, ok, accept))
             d.factors.drifted = (drift_A, drift_G)
@@ -303,6 +314,15 @@ class WarmEigenRoute(EigenRoute):
             return super()._side_result(kind, M, eigs, warm)
         evals, evecs, drift = next(warm)
         return (evals, evecs), ~(drift.amax() <= self.drift_limit)  # NaN: drifted
+
+
+def _settled(result: Any, kind: str, rank_bound: int | None) -> Any:
+    """A full eigh's side result with its null-space basis made unique (where the factor may
+    be rank-deficient)."""
+    (evals, evecs), drift = result
+    if kind != FULL or rank_bound is None or evecs is None:
+        return result
+    return (evals, settle_null_space(evals, evecs, rank_bound)), drift
 
 
 def _sides(d: Due, A: Tensor, G: Tensor) -> list[tuple[Tensor, Tensor | None]]:
