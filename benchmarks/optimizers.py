@@ -252,12 +252,20 @@ def _ours(cls: type[lg.GRNGOptimizer], grid: tuple[float, ...], what: str) -> Op
     )
 
 
+#: The eigen specs (``RING-eigen`` …) keep the statistics they were measured with (issue 12):
+#: K-FAC's, momentum on the direction. The library's eigen-mode defaults moved to gradient
+#: statistics with Adam-order momentum (issue 23), which is ``RING-grad-adam`` below.
+KFAC_STATISTICS = dict(curvature="kfac", momentum_on="direction")
+
+
 def _twin(
     cls: type[lg.GRNGOptimizer], mode: str | None = None, tasks: tuple[str, ...] | None = None
 ) -> OptimizerSpec:
     """GR's own effect: the same optimizer, route and every other setting, with ρ = 0."""
     name = cls.__name__ if mode is None else f"{cls.__name__}-{mode}"
     extra = {} if mode is None else {"preconditioner": mode}
+    if mode == "eigen":
+        extra |= KFAC_STATISTICS
     return OptimizerSpec(
         f"{name}-rho0",
         lambda m, lr, **kw: cls(m.parameters(), lr=lr, rho=0.0, **extra, **kw),
@@ -273,12 +281,14 @@ def _twin(
 def _eigen(
     cls: type[lg.GRNGOptimizer], what: str, tasks: tuple[str, ...] | None = None
 ) -> OptimizerSpec:
-    """The eigenvalue-corrected mode (issue 12) at its defaults."""
+    """The eigenvalue-corrected mode (issue 12) over K-FAC statistics (its defaults until
+    issue 23)."""
     return OptimizerSpec(
         f"{cls.__name__}-eigen",
-        lambda m, lr: cls(m.parameters(), lr=lr, preconditioner="eigen"),
+        lambda m, lr: cls(m.parameters(), lr=lr, preconditioner="eigen", **KFAC_STATISTICS),
         (3e-3, 1e-2, 3e-2, 0.1),
-        f"lightning_grng {what}, preconditioner='eigen', defaults",
+        f"lightning_grng {what}, preconditioner='eigen', K-FAC statistics, momentum on the "
+        "direction (the defaults before issue 23)",
         "kfac" if cls is lg.KFAC else "grng",
         tasks=tasks,
     )
@@ -298,6 +308,8 @@ def _variant(
 
 EIGEN_GRID = (3e-3, 1e-2, 3e-2, 0.1)
 GRADIENT = dict(curvature="gradient", curvature_every=1)
+#: Gradient statistics with momentum on the direction (the "-grad" variants without "-adam").
+GRADIENT_DIRECTION = dict(GRADIENT, momentum_on="direction")
 
 #: Full-strength settings of the baselines (refresh frequency and betas, not only lr) and of
 #: the eigen mode (curvature source, statistics/refresh schedule, KL-clip): issue 23.
@@ -316,35 +328,39 @@ STRENGTH: tuple[OptimizerSpec, ...] = (
     ),
     _variant(
         "RING-grad",
-        lambda m, lr: lg.RING(m.parameters(), lr=lr, inverse_every=10, **GRADIENT),
+        lambda m, lr: lg.RING(m.parameters(), lr=lr, inverse_every=10, **GRADIENT_DIRECTION),
         EIGEN_GRID,
         "RING, eigen mode, curvature='gradient' (statistics every step, basis every 10)",
         "grng",
     ),
     _variant(
         "RING-grad-f2",
-        lambda m, lr: lg.RING(m.parameters(), lr=lr, inverse_every=2, **GRADIENT),
+        lambda m, lr: lg.RING(m.parameters(), lr=lr, inverse_every=2, **GRADIENT_DIRECTION),
         EIGEN_GRID,
         "RING, eigen mode, curvature='gradient', basis every 2 steps (SOAP's refresh)",
         "grng",
     ),
     _variant(
         "RING-grad-noclip",
-        lambda m, lr: lg.RING(m.parameters(), lr=lr, inverse_every=10, kl_clip=None, **GRADIENT),
+        lambda m, lr: lg.RING(
+            m.parameters(), lr=lr, inverse_every=10, kl_clip=None, **GRADIENT_DIRECTION
+        ),
         EIGEN_GRID,
         "RING-grad without the KL-clip",
         "grng",
     ),
     _variant(
         "KFAC-grad",
-        lambda m, lr: lg.KFAC(m.parameters(), lr=lr, inverse_every=10, **GRADIENT),
+        lambda m, lr: lg.KFAC(m.parameters(), lr=lr, inverse_every=10, **GRADIENT_DIRECTION),
         EIGEN_GRID,
         "KFAC (rho = 0), eigen mode, curvature='gradient' (statistics every step, basis every 10)",
         "kfac",
     ),
     _variant(
         "RING-eigen-s1",
-        lambda m, lr: lg.RING(m.parameters(), lr=lr, curvature_every=1, inverse_every=10),
+        lambda m, lr: lg.RING(
+            m.parameters(), lr=lr, curvature_every=1, inverse_every=10, **KFAC_STATISTICS
+        ),
         EIGEN_GRID,
         "RING, eigen mode, K-FAC statistics every step, basis every 10",
         "grng",
@@ -378,7 +394,9 @@ STRENGTH: tuple[OptimizerSpec, ...] = (
     ),
     _variant(
         "RING-grad-rho0",
-        lambda m, lr: lg.RING(m.parameters(), lr=lr, rho=0.0, inverse_every=10, **GRADIENT),
+        lambda m, lr: lg.RING(
+            m.parameters(), lr=lr, rho=0.0, inverse_every=10, **GRADIENT_DIRECTION
+        ),
         (),
         "RING-grad with rho = 0, everything else identical (at RING-grad's chosen lr)",
         "ablation",

@@ -25,7 +25,8 @@ from benchmarks import harness
 from benchmarks.optimizers import BY_NAME, OptimizerSpec
 from benchmarks.tasks import TASKS
 
-EIGEN = dict(preconditioner="eigen")
+#: The presets reproduce the committed studies: the eigen mode over K-FAC statistics.
+EIGEN = dict(preconditioner="eigen", curvature="kfac", momentum_on="direction")
 PRESETS: dict[str, dict[str, tuple[type[lg.GRNGOptimizer], dict[str, object]]]] = {
     "reng_routes": {
         "RENG-eigen (double backprop)": (lg.RENG, EIGEN),

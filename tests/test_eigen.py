@@ -16,7 +16,16 @@ from torch import Tensor, nn
 import lightning_grng as lg
 from lightning_grng.curvature.kronecker import KroneckerFactors, carry_moment
 
-EIGEN = dict(preconditioner="eigen", kl_clip=None, momentum=0.0, curvature_every=1)
+# The eigen mode over K-FAC statistics, momentum on the direction (the gradient source and
+# momentum_on="gradient" have their own tests: tests/test_gradient_source.py).
+EIGEN = dict(
+    preconditioner="eigen",
+    kl_clip=None,
+    momentum=0.0,
+    curvature_every=1,
+    curvature="kfac",
+    momentum_on="direction",
+)
 
 
 def _one_layer(seed: int = 4) -> nn.Sequential:

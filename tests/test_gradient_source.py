@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lightning_grng as lg
+from lightning_grng.curvature.inverse import settle_null_space
 from tests.conftest import classification_batch, mlp
 
 F64 = torch.float64
@@ -26,6 +27,12 @@ def _grad_matrices(model: nn.Sequential, x, y) -> list[torch.Tensor]:
         for m in model
         if isinstance(m, nn.Linear)
     ]
+
+
+def _basis(M: torch.Tensor, rank: int) -> torch.Tensor:
+    """The optimizer's eigenbasis of a factor of rank ≤ ``rank``: eigh, null space settled."""
+    evals, evecs = torch.linalg.eigh(M)
+    return settle_null_space(evals, evecs, rank)
 
 
 def _step(opt, model, x, y):
@@ -146,8 +153,9 @@ def test_momentum_on_gradient_is_adam_in_the_eigenbasis():
         _step(opt, model, x, y)
     after = torch.cat([model[0].weight, model[0].bias[:, None]], 1).detach()
     V1, V2 = grads
-    _, Q_G = torch.linalg.eigh(V1 @ V1.T)  # the basis of the first step's factors
-    _, Q_A = torch.linalg.eigh(V1.T @ V1)
+    # The basis of the first step's factors: V1 is 4 × 6, so Vᵀ V has a null space, whose
+    # basis the optimizer settles (settle_null_space; tested below).
+    Q_G, Q_A = _basis(V1 @ V1.T, rank=4), _basis(V1.T @ V1, rank=4)
     R1, R2 = (Q_G.T @ V @ Q_A for V in (V1, V2))
     m = (beta1 * (1 - beta1) * V1 + (1 - beta1) * V2) / (1 - beta1**2)
     D = (beta2 * (1 - beta2) * R1**2 + (1 - beta2) * R2**2) / (1 - beta2**2)
@@ -159,3 +167,93 @@ def test_momentum_on_gradient_is_adam_in_the_eigenbasis():
 def test_momentum_on_gradient_needs_the_eigen_mode():
     with pytest.raises(ValueError, match=r"momentum_on='gradient' .* preconditioner='eigen'"):
         lg.KFAC(nn.Linear(2, 2).parameters(), preconditioner="kfac", momentum_on="gradient")
+
+
+@pytest.mark.parametrize("cls", [lg.KFAC, lg.RING, lg.RENG])
+def test_eigen_mode_defaults_to_gradient_statistics_and_adam_order(cls):
+    """The eigen mode's defaults (docs/defaults.md); the kfac mode and a Monte-Carlo Fisher
+    keep K-FAC statistics; gradient statistics with fisher='mc' are refused."""
+    params = nn.Linear(2, 2).parameters
+    opt = cls(params())
+    assert (opt.curvature.value, opt.momentum_on.value) == ("gradient", "gradient")
+    opt = cls(params(), preconditioner="kfac")
+    assert (opt.curvature.value, opt.momentum_on.value) == ("kfac", "direction")
+    assert cls(params(), fisher="mc").curvature.value == "kfac"
+    with pytest.raises(ValueError, match=r"fisher='mc' .* curvature='kfac'"):
+        cls(params(), curvature="gradient", fisher="mc")
+
+
+def _settled(M: torch.Tensor, rank: int) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(M)
+    return settle_null_space(evals, evecs, rank)
+
+
+def test_settled_null_space_is_an_orthonormal_completion_fixed_by_the_null_space_alone():
+    """Range columns unchanged, the rest an orthonormal basis of the null space; the same
+    basis (up to signs) for another scale, for a rounding-level perturbation, and whatever
+    basis of the null space eigh returned."""
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(3, 7, generator=g, dtype=F64)  # rank 3 in a 7-wide factor
+    M = V.T @ V
+    evals, evecs = torch.linalg.eigh(M)
+    Q = settle_null_space(evals, evecs, rank_bound=3)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(7, dtype=F64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(Q[:, 4:], evecs[:, 4:])  # the range: the 3 largest
+    torch.testing.assert_close(M @ Q[:, :4], torch.zeros(7, 4, dtype=F64), atol=1e-12, rtol=0)
+
+    def same_up_to_signs(P):
+        overlap = (P[:, :4].T @ Q[:, :4]).abs()
+        torch.testing.assert_close(overlap, torch.eye(4, dtype=F64), atol=1e-9, rtol=0)
+
+    same_up_to_signs(_settled(1e6 * M, rank=3))
+    same_up_to_signs(_settled(M + 1e-15 * torch.randn(7, 7, generator=g, dtype=F64), rank=3))
+    rotation = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=F64)).Q
+    rotated = evecs.clone()
+    rotated[:, :4] = evecs[:, :4] @ rotation  # another valid eigh of M
+    same_up_to_signs(settle_null_space(evals, rotated, rank_bound=3))
+    # Without the bound, eigenvalues at rounding level count as null too.
+    same_up_to_signs(settle_null_space(evals, evecs, rank_bound=7))
+
+
+def test_default_step_is_invariant_to_the_loss_scale_from_a_rank_deficient_start():
+    """Loss × 1000 at the defaults: D scales by 10⁶, the rotated moments by 10³, and the
+    first refresh's null-space basis is the same, so every step is unchanged (without the
+    settled basis the runs drifted apart by 2e-2)."""
+    g = torch.Generator().manual_seed(11)
+    batches = [(torch.randn(8, 5, generator=g, dtype=F64), torch.randint(0, 3, (8,), generator=g))
+               for _ in range(6)]  # fmt: skip
+    weights = []
+    for scale in (1.0, 1000.0):
+        model = mlp()
+        opt = lg.RING(model.parameters(), lr=0.05, kl_clip=None, inverse_every=2)
+        lg.attach(model, opt, report=False)
+        for x, y in batches:
+            opt.zero_grad()
+            (scale * nn.functional.cross_entropy(model(x), y)).backward()
+            opt.step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_reng_gradient_statistics_are_those_of_the_gradient_it_preconditions():
+    """With gradient statistics RENG's factors are built from g + ρHg (SOAP's statistics of
+    the regularized loss): on the strategy's single-backward path the plain g is never
+    materialized apart from it."""
+    model = mlp()
+    x, y = classification_batch()
+    rho = 2.0
+    params = list(model.parameters())
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    hvps = torch.autograd.grad(0.5 * sum(g.pow(2).sum() for g in grads), params)
+    regularized = [(g + rho * h).detach() for g, h in zip(grads, hvps, strict=True)]
+    V = torch.cat([regularized[0], regularized[1][:, None]], 1)
+    opt = lg.RENG(model.parameters(), rho=rho, **{**ONE_STEP, "lr": 0.0})
+    lg.attach(model, opt, report=False)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward(create_graph=True)
+    opt.step()
+    key = next(k for k, b in opt.blocks.items() if b.name == "0")
+    torch.testing.assert_close(opt.factors(key).G[0], V @ V.T, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(opt.factors(key).A[0], V.T @ V, rtol=1e-10, atol=1e-13)

@@ -295,7 +295,9 @@ def test_partial_accumulation_window_has_the_g_of_the_batches_it_saw():
     losses Lightning still divides by 4; its G equals the un-accumulated reference's."""
 
     def make(p):  # lr=0 keeps the weights, ema_decay=0 keeps only the last window's factors
-        return lg.KFAC(p, lr=0.0, ema_decay=0.0, curvature_every=1, inverse_every=1)
+        return lg.KFAC(
+            p, lr=0.0, ema_decay=0.0, curvature_every=1, inverse_every=1, curvature="kfac"
+        )
 
     model = Tiny(make)
     trainer = _trainer(max_epochs=1, accumulate_grad_batches=4)

@@ -164,7 +164,7 @@ def test_step_without_hooks_says_what_to_add():
 
 def test_handle_remove_takes_hooks_off():
     model = nn.Linear(3, 2)
-    opt = lg.KFAC(model.parameters())
+    opt = lg.KFAC(model.parameters(), curvature="kfac")
     handle = lg.attach(model, opt)
     assert len(model._forward_hooks) == 1
     handle.remove()
@@ -239,7 +239,7 @@ def test_module_whose_hooks_never_fire_is_named():
             return self.head(nn.functional.linear(x, self.proj.weight, self.proj.bias).mean(1))
 
     model = Functional()
-    opt = lg.KFAC(model.parameters(), curvature_every=1)
+    opt = lg.KFAC(model.parameters(), curvature="kfac", curvature_every=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lg.attach(model, opt)
@@ -390,14 +390,17 @@ def test_grad_scaler_unscale_and_step():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_grad_scaler_curvature_is_built_from_unscaled_gradients():
-    """With the scaler passed to attach, G equals the unscaled run's; without it G is S² off."""
+@pytest.mark.parametrize("curvature", ["kfac", "gradient"])
+def test_grad_scaler_curvature_is_built_from_unscaled_gradients(curvature):
+    """With the scaler passed to attach, G equals the unscaled run's; without it K-FAC's
+    captured G is S² off, while gradient statistics (read after ``scaler.step`` unscaled the
+    gradients) never see the scale."""
     x, y = _data()
     factors = {}
     for name, scale, pass_scaler in (("plain", None, False), ("scaled", 2.0**10, True),
                                      ("unaware", 2.0**10, False)):  # fmt: skip
         model = _model()
-        opt = lg.KFAC(model.parameters(), curvature_every=1)
+        opt = lg.KFAC(model.parameters(), curvature=curvature, curvature_every=1)
         scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -412,7 +415,8 @@ def test_grad_scaler_curvature_is_built_from_unscaled_gradients():
         factors[name] = [opt.factors(k).G for k in sorted(opt.blocks)]
     for plain, scaled, unaware in zip(*factors.values(), strict=True):
         torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=1e-8)
-        torch.testing.assert_close(unaware, plain * 2.0**20, rtol=1e-4, atol=1e-3)
+        unscaled = plain * 2.0**20 if curvature == "kfac" else plain
+        torch.testing.assert_close(unaware, unscaled, rtol=1e-4, atol=1e-3)
 
 
 def test_mc_fisher_uses_sampled_labels_and_requires_the_pass():
@@ -425,7 +429,7 @@ def test_mc_fisher_uses_sampled_labels_and_requires_the_pass():
     opt.mc_fisher_backward(logits)
     nn.functional.cross_entropy(logits, y).backward()
     opt.step()
-    emp = lg.KFAC(model_copy.parameters(), curvature_every=1)
+    emp = lg.KFAC(model_copy.parameters(), curvature="kfac", curvature_every=1)
     lg.attach(model_copy, emp)
     nn.functional.cross_entropy(model_copy(x), y).backward()
     emp.step()
@@ -441,7 +445,7 @@ def test_mc_fisher_uses_sampled_labels_and_requires_the_pass():
 
 def test_in_place_activation_after_layer_captures_pre_activation_gradient():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)).double()
-    opt = lg.KFAC(model.parameters(), curvature_every=1)
+    opt = lg.KFAC(model.parameters(), curvature="kfac", curvature_every=1)
     lg.attach(model, opt)
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
     s = nn.functional.linear(x, model[0].weight, model[0].bias)

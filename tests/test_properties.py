@@ -198,7 +198,7 @@ def test_double_backward_does_not_leak_into_curvature():
     for cls, create_graph in ((lg.KFAC, False), (lg.RENG, True)):
         model = mlp()
         kwargs = dict(rho=2.0) if cls is lg.RENG else {}
-        opt = cls(model.parameters(), **EXACT, **kwargs)
+        opt = cls(model.parameters(), **EXACT, **kwargs, curvature="kfac")
         lg.attach(model, opt)
         _step(opt, model, x, y, create_graph=create_graph)
         results.append([(opt.factors(k).A, opt.factors(k).G) for k in sorted(opt.blocks)])

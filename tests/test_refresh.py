@@ -26,7 +26,10 @@ from lightning_grng.optim import routes
 from lightning_grng.optim.routes import Due, WarmEigenRoute
 
 F64 = torch.float64
-EIGEN = dict(preconditioner="eigen", kl_clip=None, momentum=0.0)
+# K-FAC statistics: the dense references below are built from the captured A and G.
+EIGEN = dict(
+    preconditioner="eigen", kl_clip=None, momentum=0.0, curvature="kfac", momentum_on="direction"
+)
 
 
 def _orthogonal(n: int, seed: int) -> Tensor:

@@ -14,6 +14,7 @@ import lightning_grng as lg
 
 F64 = torch.float64
 EIGEN = dict(kl_clip=None, momentum=0.0, curvature_every=1, lr=0.05, damping=1e-2, beta2=0.9)
+EIGEN |= dict(curvature="kfac", momentum_on="direction")  # the dense references use A, G
 
 
 def _one_layer() -> nn.Sequential:

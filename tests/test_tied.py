@@ -331,7 +331,7 @@ def test_eigen_mode_basis_comes_from_both_uses():
     model = _model()
     ids, y = _batch()
     terms = _lm_terms(model, ids, y)
-    opt = lg.KFAC(model.parameters(), curvature_every=1, inverse_every=1)
+    opt = lg.KFAC(model.parameters(), curvature="kfac", curvature_every=1, inverse_every=1)
     _attach(model, opt)
     _lm_loss(model, ids, y).backward()
     opt.step()

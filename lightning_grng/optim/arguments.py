@@ -43,7 +43,8 @@ DESCRIPTIONS: dict[str, str] = {
     "newton_iters": "Newton-Schulz iterations of a cold-started inverse (the newton route).",
     "kl_clip": "bound on the step's predicted KL change lr^2 * <U, g>; None disables it.",
     "fisher": "'empirical' (statistics from the training loss's backward) or 'mc' (labels "
-    "sampled from the model; call optimizer.mc_fisher_backward(outputs)).",
+    "sampled from the model; call optimizer.mc_fisher_backward(outputs); K-FAC statistics "
+    "only).",
     "loss_reduction": "how the training loss reduces over samples, 'mean' or 'sum' (sets the "
     "scale of the output-gradient factor G).",
     "fallback": "update of parameters without a Kronecker block (norms, bare parameters): "
@@ -60,7 +61,7 @@ DESCRIPTIONS: dict[str, str] = {
     "curvature": "where the Kronecker factors come from: 'kfac' (the paper's statistics of "
     "layer inputs and output gradients, captured by hooks) or 'gradient' (Shampoo/SOAP "
     "statistics G G^T and G^T G of each weight's gradient: no hooks; eigen mode only). None: "
-    "'gradient' in the eigen mode, 'kfac' in the kfac mode.",
+    "'gradient' in the eigen mode, 'kfac' in the kfac mode and with fisher='mc'.",
     "refresh": "how the eigen mode keeps its eigenbasis: 'eigh' (default: a full "
     "eigendecomposition of every due factor) or 'warm' (one orthogonal-iteration step "
     "Q = qr(F Q) from the previous basis, SOAP's warm start, batched over same-sized factors; "

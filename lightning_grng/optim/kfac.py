@@ -96,10 +96,18 @@ class KFAC(GRNGOptimizer):
             name, "preconditioner", hp.pop("preconditioner"), Preconditioner
         )
         # The eigen mode's defaults are the measured best (gradient statistics, the gradient's
-        # first moment preconditioned: docs/defaults.md); the kfac mode's are the paper's.
+        # first moment preconditioned: docs/defaults.md); the kfac mode's are the paper's, and
+        # so is the source of a Monte-Carlo Fisher (sampled labels feed K-FAC's captures).
         eigen = self.preconditioner is Preconditioner.EIGEN
-        curvature = hp.pop("curvature") or ("gradient" if eigen else "kfac")
+        mc = hp["fisher"] == "mc"
+        curvature = hp.pop("curvature") or ("gradient" if eigen and not mc else "kfac")
         self.curvature = check_choice(name, "curvature", curvature, CurvatureSource)
+        if self.curvature is CurvatureSource.GRADIENT and mc:
+            raise ValueError(
+                f"{name}: fisher='mc' samples labels for K-FAC's captured statistics; gradient "
+                "statistics come from the training gradient itself. Use curvature='kfac' with "
+                "fisher='mc', or fisher='empirical'."
+            )
         for key, value in SOURCE_DEFAULTS[self.curvature].items():
             if hp[key] is None:
                 hp[key] = value
