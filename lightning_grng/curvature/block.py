@@ -58,6 +58,9 @@ class KroneckerBlock(ABC):
     """
 
     diagonal_input: ClassVar[bool] = False
+    #: Kernel taps per input channel (kh·kw of a convolution; 1 for a matrix): the weight's
+    #: columns are channel-major ``(C, taps)``, which a per-dimension split factors.
+    taps: int = 1
 
     def __init__(
         self, module: nn.Module, name: str, groups: int, fan_in: int, n_out: int, with_bias: bool

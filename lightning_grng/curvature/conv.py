@@ -37,6 +37,7 @@ class _ConvBlock(KroneckerBlock):
             n_out=module.out_channels // groups,
             with_bias=with_bias,
         )
+        self.taps = math.prod(module.kernel_size)
         one_d = self._spatial_dims == 1
         self._kernel = _pair(module.kernel_size, one_d, 1)
         self._stride = _pair(module.stride, one_d, 1)

@@ -23,3 +23,18 @@ def gradient_factors(V: Tensor, diagonal_input: bool, dtype: torch.dtype) -> tup
     V = V.to(dtype)
     A = (V * V).sum(-2) if diagonal_input else V.transpose(-1, -2) @ V
     return A, V @ V.transpose(-1, -2)
+
+
+def split_input_factors(V: Tensor, taps: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The input side of a convolution's gradient statistics per tensor dimension (Shampoo's
+    and SOAP's factors of a higher-order tensor): with the weight columns of V viewed as
+    ``W (groups, n_out, C, k)`` (channel-major, k kernel taps), ``A = Σ_{o,t} W[o,:,t] W[o,:,t]ᵀ``
+    over channels ``(groups, C, C)`` and ``K = Σ_{o,c} W[o,c,:] W[o,c,:]ᵀ`` over taps
+    ``(groups, k, k)``. A bias column (the last, when ``n_in`` is not a multiple of k) enters
+    neither. Their eigenbases give the weight columns the basis ``Q_A ⊗ Q_K``
+    (``docs/algorithms.md`` §8.7)."""
+    width = V.shape[-1] - V.shape[-1] % taps
+    W = V[..., :width].to(dtype).reshape(*V.shape[:-1], width // taps, taps)
+    A = torch.einsum("goct,godt->gcd", W, W)
+    K = torch.einsum("goct,gocs->gts", W, W)
+    return A, K

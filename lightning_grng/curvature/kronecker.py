@@ -62,13 +62,18 @@ class KroneckerFactors:
     elementwise reciprocal of the damped diagonal. G may be stored as its diagonal
     ``(g, n_out)`` likewise (the factor-size policy ``max_factor``; eigh routes only).
 
+    A convolution's input side may be split per tensor dimension (``split_conv``, gradient
+    statistics, eigen route): A ``(g, C, C)`` over input channels and K ``(g, k, k)`` over the
+    kernel's taps, the weight columns' basis ``Q_A ⊗ Q_K`` (channel-major, as the weight is
+    flattened); a bias column, if any, is left out of both and rotated by Q_G alone.
+
     Args:
         dtype: storage dtype of the factors (statistics arrive in float32 or better and are cast).
     """
 
     TENSORS = (
         "A", "G", "eval_A", "evec_A", "eval_G", "evec_G", "inv_A", "inv_G", "moment",
-        "first_moment",
+        "first_moment", "K", "eval_K", "evec_K",
     )  # fmt: skip
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -89,6 +94,10 @@ class KroneckerFactors:
         #: in parameter coordinates, so a basis change leaves it alone), and its count.
         self.first_moment: Tensor | None = None
         self.first_count = 0
+        #: The kernel-tap factor of a split input side, its eigenvalues and eigenvectors.
+        self.K: Tensor | None = None
+        self.eval_K: Tensor | None = None
+        self.evec_K: Tensor | None = None
         self.updates = 0
         self.newton_iterations = 0
         #: Device flag: the factors hold at least one accepted statistic (None: loaded state).
@@ -100,17 +109,22 @@ class KroneckerFactors:
         #: The Newton route's damping at its last refresh, γ / mean eigenvalue per group (for
         #: diagnostics; not checkpointed).
         self.damping_ratio: Tensor | None = None
-        #: Warm eigen route, device flags of the last refresh per side (A, G): the previous
+        #: Warm eigen route, device flags of the last refresh per side (A, G, K): the previous
         #: basis had drifted past the route's limit (None: that side was not warm-started).
-        self.drifted: tuple[Tensor | None, Tensor | None] = (None, None)
-        #: Host flags per side (A, G), from the step's read-back of :attr:`drifted`, or set by
-        #: a stand-in basis: the next refresh of that side is a full eigh.
-        self.full_next = [False, False]
+        self.drifted: tuple[Tensor | None, ...] = (None, None, None)
+        #: Host flags per side (A, G, K), from the step's read-back of :attr:`drifted`, or set
+        #: by a stand-in basis: the next refresh of that side is a full eigh.
+        self.full_next = [False, False, False]
 
     @property
     def ready(self) -> bool:
         """Whether an inverse representation exists (a preconditioner can be applied)."""
         return self.eval_A is not None or self.inv_A is not None
+
+    @property
+    def split(self) -> bool:
+        """The input side is split per dimension (channels A ⊗ kernel taps K)."""
+        return self.K is not None
 
     @property
     def a_is_diagonal(self) -> bool:
@@ -128,7 +142,10 @@ class KroneckerFactors:
         assert self.A is not None and self.G is not None
         diag_a = self.A if self.a_is_diagonal else torch.diagonal(self.A, dim1=-2, dim2=-1)
         diag_g = self.G if self.g_is_diagonal else torch.diagonal(self.G, dim1=-2, dim2=-1)
-        return diag_a.mean(-1) * diag_g.mean(-1)
+        mean = diag_a.mean(-1) * diag_g.mean(-1)
+        if self.K is not None:  # the weight columns' A is A ⊗ K
+            mean = mean * torch.diagonal(self.K, dim1=-2, dim2=-1).mean(-1)
+        return mean
 
     @property
     def finite(self) -> bool:
@@ -139,31 +156,40 @@ class KroneckerFactors:
         """Device flag (0-dim bool): the factors hold an accepted statistic and are finite."""
         assert self.A is not None and self.G is not None
         ok = torch.isfinite(self.A).all() & torch.isfinite(self.G).all()
+        if self.K is not None:
+            ok = ok & torch.isfinite(self.K).all()
         return ok if self.valid is None else ok & self.valid
 
     def update(
-        self, A_batch: Tensor, G_batch: Tensor, decay: float, accept: Tensor | None = None
+        self,
+        A_batch: Tensor,
+        G_batch: Tensor,
+        decay: float,
+        accept: Tensor | None = None,
+        K_batch: Tensor | None = None,
     ) -> Tensor:
-        """EMA update ``F ← decay·F + (1 − decay)·F_batch``; the first batch initializes F, and
-        so does any batch after the state became non-finite (it would otherwise stay NaN).
+        """EMA update ``F ← decay·F + (1 − decay)·F_batch`` of A, G (and K of a split input
+        side); the first batch initializes F, and so does any batch after the state became
+        non-finite (it would otherwise stay NaN).
 
         Decided on the device: a batch that is not finite, or whose ``accept`` flag is False
         (a skipped step), leaves the factors unchanged. Returns whether the batch statistics
         were finite (0-dim bool tensor; the caller counts rejections from it).
         """
-        A_batch, G_batch = A_batch.to(self.dtype), G_batch.to(self.dtype)
-        batch_ok = torch.isfinite(A_batch).all() & torch.isfinite(G_batch).all()
+        names = ("A", "G") if K_batch is None else ("A", "G", "K")
+        batches = [F.to(self.dtype) for F in (A_batch, G_batch, K_batch) if F is not None]
+        batch_ok = torch.stack([torch.isfinite(F).all() for F in batches]).all()
         take = batch_ok if accept is None else batch_ok & accept
         if self.A is None or self.G is None:
-            self.A = torch.where(take, A_batch, torch.full_like(A_batch, math.nan))
-            self.G = torch.where(take, G_batch, torch.full_like(G_batch, math.nan))
+            for name, F in zip(names, batches, strict=True):
+                setattr(self, name, torch.where(take, F, torch.full_like(F, math.nan)))
             self.valid = take
         else:
             restart = ~self.finite_mask()
-            A_ema = torch.where(restart, A_batch, self.A * decay + A_batch * (1.0 - decay))
-            G_ema = torch.where(restart, G_batch, self.G * decay + G_batch * (1.0 - decay))
-            self.A = torch.where(take, A_ema, self.A)
-            self.G = torch.where(take, G_ema, self.G)
+            for name, F in zip(names, batches, strict=True):
+                old = getattr(self, name)
+                ema = torch.where(restart, F, old * decay + F * (1.0 - decay))
+                setattr(self, name, torch.where(take, ema, old))
             self.valid = take if self.valid is None else self.valid | take
         self.updates += 1
         return batch_ok
@@ -187,30 +213,41 @@ class KroneckerFactors:
         """The matrices the eigh route decomposes and whether they are the real factors."""
         return self._safe_factors()
 
+    def safe_tap_factor(self) -> Tensor | None:
+        """A split input side's tap factor, the identity where the factors are not finite."""
+        if self.K is None:
+            return None
+        eye = torch.eye(self.K.shape[-1], dtype=self.K.dtype, device=self.K.device)
+        return torch.where(self.finite_mask(), self.K, eye)
+
     def install_eigh(
         self,
         eig_A: tuple[Tensor, Tensor | None],
-        eig_G: tuple[Tensor, Tensor],
+        eig_G: tuple[Tensor, Tensor | None],
         inputs_ok: Tensor,
         accept: Tensor | None = None,
+        eig_K: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Installs a new eigenbasis where it is usable (device-side), keeps the last good one
-        otherwise; the second moment is carried into it (:func:`carry_moment`). ``eig_A`` and
-        ``eig_G`` are ``(eigenvalues, eigenvectors)``, the eigenvectors None for a side stored
-        as its diagonal. Returns the failure flag (0-dim bool): the factors held statistics but
-        the factors or the decomposition were not finite (the caller raises the damping)."""
-        parts = (*eig_A, *eig_G)
+        otherwise; the second moment is carried into it (:func:`carry_moment`). ``eig_A``,
+        ``eig_G`` (and ``eig_K`` of a split input side) are ``(eigenvalues, eigenvectors)``,
+        the eigenvectors None for a side stored as its diagonal. Returns the failure flag
+        (0-dim bool): the factors held statistics but the factors or the decomposition were
+        not finite (the caller raises the damping)."""
+        parts = (*eig_A, *eig_G, *(eig_K or (None, None)))
         decomposed = [t for t in parts if t is not None]  # a diagonal A has no eigenvectors
         ok = inputs_ok & torch.stack([torch.isfinite(t).all() for t in decomposed]).all()
         take = ok if accept is None else ok & accept
-        old = (self.eval_A, self.evec_A, self.eval_G, self.evec_G)
+        old = (self.eval_A, self.evec_A, self.eval_G, self.evec_G, self.eval_K, self.evec_K)
         kept = [
             None if new is None else _keep_last_good(new, prev, take)
             for new, prev in zip(parts, old, strict=True)
         ]
         if self.moment is not None:
-            self.moment = carry_moment(self.moment, (old[1], kept[1]), (old[3], kept[3]))
-        self.eval_A, self.evec_A, self.eval_G, self.evec_G = kept
+            self.moment = carry_moment(
+                self.moment, (old[1], kept[1]), (old[3], kept[3]), (old[5], kept[5])
+            )
+        self.eval_A, self.evec_A, self.eval_G, self.evec_G, self.eval_K, self.evec_K = kept
         self.inv_A = self.inv_G = None
         return self._failed(ok)
 
@@ -237,12 +274,14 @@ class KroneckerFactors:
         """
         if method is InverseMethod.EIGH:
             A, G, inputs_ok = self.eigh_inputs()
+            K = self.safe_tap_factor()
             try:
                 eig_A = (A.clamp_min(0.0), None) if self.a_is_diagonal else spd_eigh(A)
                 eig_G = (G.clamp_min(0.0), None) if self.g_is_diagonal else spd_eigh(G)
+                eig_K = None if K is None else spd_eigh(K)
             except torch.linalg.LinAlgError:
                 return self._failed(torch.zeros_like(inputs_ok))
-            return self.install_eigh(eig_A, eig_G, inputs_ok, accept)
+            return self.install_eigh(eig_A, eig_G, inputs_ok, accept, eig_K)
         A, G, inputs_ok = self._safe_factors()
         pi = pi_split(A, G)
         root = torch.sqrt(damping) if isinstance(damping, Tensor) else math.sqrt(damping)
@@ -304,18 +343,18 @@ class KroneckerFactors:
 
     def to_eigenbasis(self, V: Tensor) -> Tensor:
         """``Q_Gᵀ V Q_A`` in the working dtype (eigh route only; a diagonal factor is its own
-        eigenbasis, ``Q = I``)."""
+        eigenbasis, ``Q = I``; a split input side's basis is ``Q_A ⊗ Q_K``)."""
         if self.evec_G is None:  # G stored as its diagonal
             assert self.eval_G is not None
             rotated = V.to(self.eval_G.dtype)
         else:
             rotated = self.evec_G.transpose(-1, -2) @ V.to(self.evec_G.dtype)
-        return rotated if self.evec_A is None else rotated @ self.evec_A
+        return input_side(rotated, self.evec_A, self.evec_K)
 
     def from_eigenbasis(self, R: Tensor, dtype: torch.dtype) -> Tensor:
         """``Q_G R Q_Aᵀ`` cast to ``dtype``: the inverse of :meth:`to_eigenbasis`."""
         out = R if self.evec_G is None else self.evec_G @ R
-        return (out if self.evec_A is None else out @ self.evec_A.transpose(-1, -2)).to(dtype)
+        return input_side(out, _transposed(self.evec_A), _transposed(self.evec_K)).to(dtype)
 
     def update_moment(self, R: Tensor, beta2: float) -> Tensor:
         """Absorbs the rotated gradient ``R`` into the second moment and returns its
@@ -367,33 +406,66 @@ class KroneckerFactors:
             self.dtype = self.A.dtype
         self.valid = self.unusable = None
         self.cold_next = False
-        self.drifted = (None, None)
-        pending = state.get("full_next", (False, False))
-        self.full_next = [bool(x) for x in pending]  # type: ignore[union-attr]
+        self.drifted = (None, None, None)
+        pending = [bool(x) for x in state.get("full_next", ())]  # type: ignore[union-attr]
+        self.full_next = [*pending, False, False, False][:3]
+
+
+def input_side(X: Tensor, M: Tensor | None, M_K: Tensor | None = None) -> Tensor:
+    """``X`` ``(g, n_out, n_in)`` times the input side's matrix: ``X M``, or for a split side
+    ``X (M ⊗ M_K)`` on the first ``C·k`` columns (channel-major) as two mode products, the
+    remaining (bias) column unchanged. None is the identity."""
+    if M is None:
+        return X
+    X = X.to(M.dtype)
+    if M_K is None:
+        return X @ M
+    C, k = M.shape[-1], M_K.shape[-1]
+    width = C * k
+    T = X[..., :width].reshape(*X.shape[:-1], C, k)  # (g, o, C, k)
+    T = (T.transpose(-1, -2) @ M[:, None]).transpose(-1, -2)  # channels
+    T = T @ M_K[:, None]  # kernel taps
+    return torch.cat([T.reshape(*X.shape[:-1], width), X[..., width:]], dim=-1)
+
+
+def _transposed(Q: Tensor | None) -> Tensor | None:
+    return None if Q is None else Q.transpose(-1, -2)
+
+
+def _overlap_squares(basis: tuple[Tensor | None, Tensor | None]) -> Tensor | None:
+    """``(P∘P)ᵀ`` with ``P = Q_newᵀ Q_old`` for a side whose basis changed; None when there is
+    nothing to carry (no old basis, a diagonal side, or a change of shape)."""
+    old, new = basis
+    if old is None or new is None or old.shape != new.shape:
+        return None
+    P = new.transpose(-1, -2) @ old.to(new.dtype)
+    return (P * P).transpose(-1, -2)
 
 
 def carry_moment(
     moment: Tensor,
     basis_A: tuple[Tensor | None, Tensor | None],
     basis_G: tuple[Tensor | None, Tensor | None],
+    basis_K: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> Tensor:
     """The second moment after a basis change ``(old, new)`` of each factor.
 
     The moment is the diagonal of an operator ``M = diag(m)`` in the old basis; in the new one
     its diagonal is ``(P_G∘P_G) m (P_A∘P_A)ᵀ`` with ``P = Q_newᵀ Q_old`` (``docs/algorithms.md``
-    §8). Exact when the basis is unchanged (also up to signs and the order of eigenvectors); the
-    off-diagonal part the new basis would see is dropped, which is the mode's approximation. A
-    missing old basis (the first decomposition) or A stored as its diagonal keeps that side.
+    §8); for a split input side ``P_A ⊗ P_K``, whose elementwise square is
+    ``(P_A∘P_A) ⊗ (P_K∘P_K)``. Exact when the basis is unchanged (also up to signs and the
+    order of eigenvectors); the off-diagonal part the new basis would see is dropped, which is
+    the mode's approximation. A missing old basis (the first decomposition) or A stored as its
+    diagonal keeps that side.
     """
     out = moment
-    old_G, new_G = basis_G
-    if old_G is not None and new_G is not None and old_G.shape == new_G.shape:
-        P = new_G.transpose(-1, -2) @ old_G.to(new_G.dtype)
-        out = (P * P) @ out.to(P.dtype)
-    old_A, new_A = basis_A
-    if old_A is not None and new_A is not None and old_A.shape == new_A.shape:
-        P = new_A.transpose(-1, -2) @ old_A.to(new_A.dtype)
-        out = out.to(P.dtype) @ (P * P).transpose(-1, -2)
+    square_G = _overlap_squares(basis_G)
+    if square_G is not None:
+        out = square_G.transpose(-1, -2) @ out.to(square_G.dtype)
+    square_A, square_K = _overlap_squares(basis_A), _overlap_squares(basis_K)
+    split = basis_K[1] is not None
+    if square_A is not None and (not split or square_K is not None):
+        out = input_side(out, square_A, square_K)
     # A non-finite old basis (a failed first decomposition) carries nothing over.
     return torch.where(torch.isfinite(out).all(), out.to(moment.dtype), moment)
 

@@ -74,6 +74,11 @@ DESCRIPTIONS: dict[str, str] = {
     "max_factor": "None (default) or a width: a Kronecker factor wider than this is kept as "
     "its diagonal (its eigenbasis the identity, like an embedding's input factor), so it is "
     "never decomposed. eigh-based routes only.",
+    "split_conv": "None (default) or a width: with gradient statistics, a convolution whose "
+    "weight columns (C_in*kh*kw) are wider than this keeps its input side as two factors, "
+    "over channels (C_in) and kernel taps (kh*kw), per tensor dimension as Shampoo and SOAP "
+    "do, instead of one dense factor. None: 512 with gradient statistics (off with K-FAC "
+    "statistics, where setting it is an error).",
     "momentum_on": "what momentum averages: 'direction' (the preconditioned update) or "
     "'gradient' (the gradient's first moment, then preconditioned, as Adam and SOAP do; "
     "eigen mode only). None: 'gradient' in the eigen mode, 'direction' in the kfac mode.",

@@ -13,7 +13,7 @@ from torch.profiler import record_function
 
 from lightning_grng.curvature.block import KroneckerBlock
 from lightning_grng.curvature.capture import CurvatureCapture, FactorAccumulator, LossReduction
-from lightning_grng.curvature.gradient import gradient_factors
+from lightning_grng.curvature.gradient import gradient_factors, split_input_factors
 from lightning_grng.curvature.inverse import working_dtype
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
 from lightning_grng.optim.arguments import documented, hyperparameters
@@ -38,6 +38,11 @@ log = logging.getLogger("lightning_grng")
 #: A factor at least this wide makes a refresh slow enough on a CPU to be announced (eigh of a
 #: 2048-wide factor takes about 2 s on two cores, O(n³)).
 WIDE_FACTOR = 2048
+#: Default ``split_conv`` with gradient statistics: a convolution whose weight columns
+#: (C_in·kh·kw) are wider than this keeps channel and tap factors instead of one dense factor
+#: (ResNet-18's 3×3 convolutions from 128 channels on: 1152–4608 wide, against ≤ 512 per
+#: dimension; the measurement is in docs/defaults.md).
+SPLIT_CONV = 512
 
 
 @documented
@@ -87,6 +92,7 @@ class KFAC(GRNGOptimizer):
         refresh: str = "eigh",
         stagger_first: int | None = None,
         max_factor: int | None = None,
+        split_conv: int | None = None,
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 
@@ -130,6 +136,7 @@ class KFAC(GRNGOptimizer):
         self.stagger_first, self.max_factor = check_basis_options(
             name, route_cls, hp.pop("stagger_first"), hp.pop("max_factor")
         )
+        self.split_conv = self._split_option(name, hp.pop("split_conv"))
         momentum_on = hp.pop("momentum_on") or ("gradient" if eigen else "direction")
         self.momentum_on = check_choice(name, "momentum_on", momentum_on, MomentumOn)
         if self.momentum_on is MomentumOn.GRADIENT and not issubclass(route_cls, EigenRoute):
@@ -164,6 +171,20 @@ class KFAC(GRNGOptimizer):
         self.wide_refresh: tuple[int, int] | None = None
         #: Blocks whose weight gets gradient from another use too (fallback update).
         self._foreign: set[str] = set()
+
+    def _split_option(self, name: str, value: int | None) -> int | None:
+        """``split_conv`` checked; None: :data:`SPLIT_CONV` with gradient statistics, off with
+        K-FAC statistics (whose patch factor has no per-dimension form here)."""
+        gradient = self.curvature is CurvatureSource.GRADIENT
+        if value is None:
+            return SPLIT_CONV if gradient else None
+        value = check_int(name, "split_conv", value)
+        if not gradient:
+            raise ValueError(
+                f"{name}: split_conv={value} splits gradient statistics per tensor dimension; "
+                "it needs curvature='gradient' (K-FAC statistics keep the patch factor whole)."
+            )
+        return value
 
     @property
     def beta2(self) -> float:
@@ -241,8 +262,8 @@ class KFAC(GRNGOptimizer):
                 continue
             factors = self.factors(key)
             V = block.to_matrix(*[grads.of[p] for p in params])
-            A, G = self._gradient_statistics(block, V, factors.dtype)
-            ok = factors.update(A, G, self.ema_decay, accept=self._readback.step_ok)
+            A, G, K = self._gradient_statistics(block, V, factors.dtype)
+            ok = factors.update(A, G, self.ema_decay, accept=self._readback.step_ok, K_batch=K)
             self._note(~ok, self._rejection_counter(block))
 
     def _update_block(
@@ -270,20 +291,30 @@ class KFAC(GRNGOptimizer):
 
     def _gradient_statistics(
         self, block: KroneckerBlock, V: Tensor, dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor]:
-        """Gradient statistics ``(Vᵀ V, V Vᵀ)``, a side kept diagonal never formed dense."""
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Gradient statistics ``(Vᵀ V, V Vᵀ, None)``, a side kept diagonal never formed
+        dense; for a split convolution ``(A, V Vᵀ, K)``, the channel and tap factors."""
+        if self._splits(block):
+            A, K = split_input_factors(V, block.taps, dtype)
+            return A, gradient_factors(V, False, dtype)[1], K
         diagonal = self._diagonal_factors(block)
         if "G" not in diagonal:
-            return gradient_factors(V, "A" in diagonal, dtype)
+            return (*gradient_factors(V, "A" in diagonal, dtype), None)
         V = V.to(dtype)
         square = V * V
         A = square.sum(-2) if "A" in diagonal else V.transpose(-1, -2) @ V
-        return A, square.sum(-1)
+        return A, square.sum(-1), None
+
+    def _splits(self, block: KroneckerBlock) -> bool:
+        """Whether ``block``'s input side is split per dimension (``split_conv``): a
+        convolution (more than one kernel tap) whose weight columns are wider than the cap."""
+        cap = self.split_conv
+        return cap is not None and block.taps > 1 and block.n_in - block.has_bias > cap
 
     def _diagonal_factors(self, block: KroneckerBlock) -> tuple[str, ...]:
         """The factors of ``block`` stored as their diagonal (``"A"``, ``"G"``)."""
         cap = math.inf if self.max_factor is None else self.max_factor
-        a_diagonal = block.diagonal_input or block.n_in > cap
+        a_diagonal = block.diagonal_input or (block.n_in > cap and not self._splits(block))
         return ("A",) * a_diagonal + ("G",) * (block.n_out > cap)
 
     # ------------------------------------------------------------------ refresh
@@ -335,15 +366,21 @@ class KFAC(GRNGOptimizer):
 
     def _rank_bound(
         self, block: KroneckerBlock, factors: KroneckerFactors
-    ) -> tuple[int | None, int | None]:
-        """Per side (A, G), a bound on the rank of gradient statistics that may be below the
+    ) -> tuple[int | None, ...]:
+        """Per side (A, G, K), a bound on the rank of gradient statistics that may be below the
         factor's width: each update adds one gradient matrix, of rank ≤ min(n_out, n_in), so
         after k updates the rank is at most k·min(n_out, n_in). None where the factor may be
         full rank (and always for K-FAC statistics, whose rows are the batch's tokens)."""
         if self.curvature is not CurvatureSource.GRADIENT:
-            return (None, None)
-        bound = factors.updates * min(block.n_in, block.n_out)
-        return tuple(bound if bound < n else None for n in (block.n_in, block.n_out))  # type: ignore[return-value]
+            return (None, None, None)
+        # (width, rank of one update) per side; a split side's factors are the contractions
+        # of the (C, k) weight tensor over the other modes.
+        sides = [(block.n_in, block.n_out), (block.n_out, block.n_in)]
+        if self._splits(block):
+            C, k = (block.n_in - block.has_bias) // block.taps, block.taps
+            sides = [(C, block.n_out * k), (block.n_out, block.n_in), (k, block.n_out * C)]
+        bounds = [factors.updates * min(n, per_update) for n, per_update in sides]
+        return tuple(b if b < n else None for b, (n, _) in zip(bounds, sides, strict=True))
 
     def _announce_wide(self, due: list[Due]) -> None:
         """Says once, with the sizes, that a refresh decomposes very wide factors (the first
@@ -443,11 +480,13 @@ class KFAC(GRNGOptimizer):
         block = self._blocks[key]
         factors = KroneckerFactors(working_dtype(block.weight.dtype))
         factors.load_state_dict(state, block.weight.device)
-        self._check_factor_shapes(
-            block,
-            {"A": (factors.A, block.n_in), "G": (factors.G, block.n_out)},
-            diagonal=self._diagonal_factors(block),
-        )
+        widths = {"A": (factors.A, block.n_in), "G": (factors.G, block.n_out)}
+        if self._splits(block):
+            channels = (block.n_in - block.has_bias) // block.taps
+            widths |= {"A": (factors.A, channels), "K": (factors.K, block.taps)}
+        elif factors.K is not None:
+            widths["K"] = (factors.K, 0)  # a split factor where this optimizer splits none
+        self._check_factor_shapes(block, widths, diagonal=self._diagonal_factors(block))
         moment = factors.moment
         if moment is not None and tuple(moment.shape) != (block.groups, block.n_out, block.n_in):
             raise ValueError(
@@ -468,5 +507,6 @@ class KFAC(GRNGOptimizer):
 def _decomposed_width(factors: KroneckerFactors) -> int:
     """The width of the widest factor a refresh decomposes (one stored as its diagonal is not)."""
     return max(
-        (F.shape[-1] for F in (factors.A, factors.G) if F is not None and F.dim() == 3), default=0
+        (F.shape[-1] for F in (factors.A, factors.G, factors.K) if F is not None and F.dim() == 3),
+        default=0,
     )

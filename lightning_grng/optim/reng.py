@@ -79,6 +79,7 @@ class RENG(KFAC):
         refresh: str = "eigh",
         stagger_first: int | None = None,
         max_factor: int | None = None,
+        split_conv: int | None = None,
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 

@@ -72,6 +72,7 @@ class RING(KFAC):
         refresh: str = "eigh",
         stagger_first: int | None = None,
         max_factor: int | None = None,
+        split_conv: int | None = None,
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 

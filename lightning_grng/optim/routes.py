@@ -106,10 +106,11 @@ class Due:
     #: of decomposing: a wide block's first refresh off its staggered slot (``stagger_first``);
     #: its decomposition comes on the slot.
     stand_in: bool = False
-    #: Per side (A, G), an upper bound on the factor's rank where it may be below the width
-    #: (gradient statistics after few updates), else None: the eigenbasis of such a side gets
-    #: a unique null-space basis (:func:`~lightning_grng.curvature.inverse.settle_null_space`).
-    rank_bound: tuple[int | None, int | None] = (None, None)
+    #: Per side (A, G, and K of a split input side), an upper bound on the factor's rank
+    #: where it may be below the width (gradient statistics after few updates), else None:
+    #: the eigenbasis of such a side gets a unique null-space basis
+    #: (:func:`~lightning_grng.curvature.inverse.settle_null_space`).
+    rank_bound: tuple[int | None, ...] = (None, None, None)
 
 
 #: How one side (A or G) of a due block is refreshed by the eigh-based routes.
@@ -195,12 +196,12 @@ class EighRoute(Route):
         for d, (_, _, ok), plan in zip(due, inputs, plans, strict=True):
             results = [
                 _settled(self._side_result(kind, M, eigs, warm), kind, bound)
-                for (kind, M, _), bound in zip(plan, d.rank_bound, strict=True)
+                for (kind, M, _), bound in zip(plan, d.rank_bound, strict=False)
             ]
-            (eig_A, drift_A), (eig_G, drift_G) = results
-            failed.append(d.factors.install_eigh(eig_A, eig_G, ok, accept))
-            d.factors.drifted = (drift_A, drift_G)
-            d.factors.full_next = [d.stand_in, d.stand_in]
+            eig_K = results[2][0] if len(results) == 3 else None
+            failed.append(d.factors.install_eigh(results[0][0], results[1][0], ok, accept, eig_K))
+            d.factors.drifted = tuple(drift for _, drift in results) + (None,) * (3 - len(results))
+            d.factors.full_next = [d.stand_in] * 3
         return failed
 
     def _side_kind(self, d: Due, side: int, M: Tensor) -> str:
@@ -299,7 +300,7 @@ class WarmEigenRoute(EigenRoute):
 
     def _side_kind(self, d: Due, side: int, M: Tensor) -> str:
         kind = super()._side_kind(d, side, M)
-        previous = (d.factors.evec_A, d.factors.evec_G)[side]
+        previous = (d.factors.evec_A, d.factors.evec_G, d.factors.evec_K)[side]
         if kind != FULL or previous is None or previous.shape != M.shape:
             return kind
         return FULL if d.factors.full_next[side] else WARM
@@ -326,13 +327,16 @@ def _settled(result: Any, kind: str, rank_bound: int | None) -> Any:
 
 
 def _sides(d: Due, A: Tensor, G: Tensor) -> list[tuple[Tensor, Tensor | None]]:
-    """Each side's factor (as the route decomposes it) and its current eigenvectors."""
-    return [(A, d.factors.evec_A), (G, d.factors.evec_G)]
+    """Each side's factor (as the route decomposes it) and its current eigenvectors: A, G,
+    and the tap factor K of a split input side."""
+    sides = [(A, d.factors.evec_A), (G, d.factors.evec_G)]
+    K = d.factors.safe_tap_factor()
+    return sides if K is None else [*sides, (K, d.factors.evec_K)]
 
 
 def _decompose_alone(factors: KroneckerFactors, accept: Tensor | None) -> Tensor:
     """A full eigh of one block (after a batched eigh failed even in float64)."""
-    factors.drifted, factors.full_next = (None, None), [False, False]
+    factors.drifted, factors.full_next = (None, None, None), [False, False, False]
     return factors.refresh(InverseMethod.EIGH, 0.0, 0, accept)
 
 
