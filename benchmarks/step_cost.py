@@ -32,10 +32,11 @@ import torch
 import lightning_grng as lg
 from benchmarks import harness
 from benchmarks.models_extra import WORKLOADS, Workload, workload
-from benchmarks.optimizers import BY_NAME, EIGEN_GRID, OptimizerSpec, runs_on
+from benchmarks.optimizers import BY_NAME, EIGEN_GRID, KFAC_STATISTICS, OptimizerSpec, runs_on
 
 DEFAULT_OPTIMIZERS = (
-    "AdamW", "SOAP", "Muon", "KFAC-eigen", "RING-eigen", "RENG-eigen", "RING", "RKalman",
+    "AdamW", "SOAP", "SOAP-hb", "Muon", "RING-default", "KFAC-eigen", "RING-eigen", "RENG-eigen",
+    "RING", "RKalman",
 )  # fmt: skip
 DEFAULT_TASKS = ("shakespeare", "fashion_mnist", "fashion_mnist_small", "imdb")
 
@@ -50,19 +51,24 @@ def _ring(name: str, what: str, **options: object) -> OptimizerSpec:
     )
 
 
-#: The cost options of issue 22 on RING's eigen mode (the defaults are unchanged by them).
+#: The library's defaults (issue 23: gradient statistics, Adam-order momentum; issue 22: a
+#: conv wider than 512 columns split per dimension), and the cost options of issue 22 on
+#: RING's eigen mode over K-FAC statistics (the "-eigen" specs' source).
 EXTRA_SPECS = {
     spec.name: spec
     for spec in (
-        _ring("RING-eigen-warm", "refresh='warm'", refresh="warm"),
-        _ring("RING-eigen-spread", "stagger_first=1024", stagger_first=1024),
-        _ring("RING-eigen-cap", "max_factor=2048", max_factor=2048),
+        _ring("RING-default", "the library's defaults"),
+        _ring("RING-default-whole", "defaults with every conv factor whole", split_conv=10**9),
+        _ring("RING-eigen-warm", "refresh='warm'", refresh="warm", **KFAC_STATISTICS),
+        _ring("RING-eigen-spread", "stagger_first=1024", stagger_first=1024, **KFAC_STATISTICS),
+        _ring("RING-eigen-cap", "max_factor=2048", max_factor=2048, **KFAC_STATISTICS),
         _ring(
             "RING-eigen-lean",
             "refresh='warm', stagger_first=1024, max_factor=2048",
             refresh="warm",
             stagger_first=1024,
             max_factor=2048,
+            **KFAC_STATISTICS,
         ),
     )
 }
@@ -131,7 +137,8 @@ def time_workload(
     each round one full step of each optimizer on the same batch, the order alternating).
     Rows: per optimizer the training step ("step": forward, backward, optimizer step), and
     with ``stages`` each stage of a GRNG optimizer's step; mean and max over the timed
-    rounds, the first step's time, and the ratio of mean steps to AdamW's. The K-FAC
+    rounds, the first step's time, the ratio of mean steps to AdamW's and the optimizer's
+    state (every tensor of its state dict) as a multiple of the parameters' bytes. The K-FAC
     statistics are gathered by hooks during the backward pass, so their cost shows in
     "forward+backward"; "statistics" is their absorption into the factors."""
     dev = torch.device(device)
@@ -169,9 +176,12 @@ def time_workload(
                 if clock is not None:
                     stage_steps[name].append(clock.steps[-1])
     ref = sum(times["AdamW"]) if "AdamW" in times else float("nan")
+    param_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+    state = {name: opt.state_bytes() / param_bytes for name, _, opt, _ in runners}
     rows: list[dict[str, object]] = []
     for name, t in times.items():
-        rows.append(_row(load.name, name, "step", t, firsts[name], sum(t) / ref, rounds))
+        row = _row(load.name, name, "step", t, firsts[name], sum(t) / ref, rounds)
+        rows.append({**row, "state_x_params": round(state[name], 2)})
         steps = stage_steps[name]
         labels = ["forward+backward", *STAGES.values(), "update", "opt.step"]
         for label in labels if steps else []:
@@ -228,6 +238,8 @@ def _print(rows: list[dict[str, object]]) -> None:
     for row in rows:
         ratio = row["ratio_to_adamw"]
         extra = f" {ratio:6.2f}x AdamW  first {row['first_ms']:9.1f} ms" if ratio != "" else ""
+        if "state_x_params" in row:
+            extra += f"  state {row['state_x_params']:5.2f}x params"
         print(
             f"{row['task']:20s} {row['optimizer']:18s} {row['stage']:16s} "
             f"mean {row['mean_ms']:9.2f} ms  max {row['max_ms']:9.2f} ms{extra}",

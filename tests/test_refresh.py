@@ -138,7 +138,7 @@ def test_a_drifted_side_gets_a_full_eigh_at_its_next_refresh(counted):
     A, G = _spd(6, 14), _spd(4, 15)
     f.update(A[None], G[None], 0.0)
     route.refresh(_due(f), None)
-    assert eigh.calls == [[(1, 6, 6), (1, 4, 4)]] and f.drifted == (None, None)  # first: eigh
+    assert eigh.calls == [[(1, 6, 6), (1, 4, 4)]] and f.drifted == (None, None, None)  # first: eigh
     route.refresh(_due(f), None)
     assert len(eigh.calls) == 1 and warm.calls == [[(1, 6, 6), (1, 4, 4)]]
     assert not bool(f.drifted[0]) and not bool(f.drifted[1])
@@ -146,10 +146,10 @@ def test_a_drifted_side_gets_a_full_eigh_at_its_next_refresh(counted):
     f.update(_spd(6, 16)[None], G[None], 0.0)
     route.refresh(_due(f), None)
     assert bool(f.drifted[0]) and not bool(f.drifted[1])
-    f.full_next = [bool(f.drifted[0]), bool(f.drifted[1])]  # what the read-back does
+    f.full_next = [bool(f.drifted[0]), bool(f.drifted[1]), False]  # what the read-back does
     route.refresh(_due(f), None)
     assert eigh.calls[-1] == [(1, 6, 6)] and warm.calls[-1] == [(1, 4, 4)]
-    assert f.drifted[0] is None and f.full_next == [False, False]
+    assert f.drifted[0] is None and f.full_next == [False, False, False]
 
 
 @pytest.mark.parametrize("name", ["KFAC", "RING"])
@@ -178,7 +178,7 @@ def test_warm_step_equals_the_dense_eigen_step_when_the_basis_is_exact(name, cou
     eigh, warm = counted
     assert len(eigh.calls) == 1 and len(warm.calls) == 4
     f = opt.factors("0")
-    assert f.full_next == [False, False]
+    assert f.full_next == [False, False, False]
     dense = _dense_eigen_steps(f.A[0], f.G[0], grads, 0.05, 0.9, 1e-2, rho)
     for t, step in enumerate(dense):
         torch.testing.assert_close(before[t + 1] - before[t], step, rtol=1e-9, atol=1e-12)
@@ -272,7 +272,7 @@ def test_a_stand_in_basis_is_the_identity_until_the_slot():
     f = opt.factors("6")  # the fourth Linear: offset 3·4 // 6 = 2
     torch.testing.assert_close(f.evec_A, torch.eye(9).expand_as(f.evec_A))
     torch.testing.assert_close(f.eval_A, torch.diagonal(f.A, dim1=-2, dim2=-1))
-    assert f.full_next == [True, True]
+    assert f.full_next == [True, True, True]
 
 
 @pytest.mark.parametrize(

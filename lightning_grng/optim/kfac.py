@@ -367,10 +367,14 @@ class KFAC(GRNGOptimizer):
     def _rank_bound(
         self, block: KroneckerBlock, factors: KroneckerFactors
     ) -> tuple[int | None, ...]:
-        """Per side (A, G, K), a bound on the rank of gradient statistics that may be below the
-        factor's width: each update adds one gradient matrix, of rank ≤ min(n_out, n_in), so
-        after k updates the rank is at most k·min(n_out, n_in). None where the factor may be
-        full rank (and always for K-FAC statistics, whose rows are the batch's tokens)."""
+        """Per side (A, G, K), a bound on the rank of gradient statistics while the factor may
+        be rank-deficient, else None (and always None for K-FAC statistics, whose factors are
+        left as eigh returns them). Each update adds one gradient matrix, of rank at least 1
+        and at most min(n_out, n_in) (less with fewer samples than that: a gradient is a sum of
+        per-sample outer products), so after k updates a side of width n may be deficient
+        while k < n, and is certainly deficient, of rank ≤ k·min(n_out, n_in), while that is
+        below n. The bound is then that product, else n (only eigenvalues at rounding level
+        count as null: :func:`~lightning_grng.curvature.inverse.settle_null_space`)."""
         if self.curvature is not CurvatureSource.GRADIENT:
             return (None, None, None)
         # (width, rank of one update) per side; a split side's factors are the contractions
@@ -379,8 +383,11 @@ class KFAC(GRNGOptimizer):
         if self._splits(block):
             C, k = (block.n_in - block.has_bias) // block.taps, block.taps
             sides = [(C, block.n_out * k), (block.n_out, block.n_in), (k, block.n_out * C)]
-        bounds = [factors.updates * min(n, per_update) for n, per_update in sides]
-        return tuple(b if b < n else None for b, (n, _) in zip(bounds, sides, strict=True))
+        updates = factors.updates
+        return tuple(
+            None if updates >= n else min(updates * min(n, per_update), n)
+            for n, per_update in sides
+        )
 
     def _announce_wide(self, due: list[Due]) -> None:
         """Says once, with the sizes, that a refresh decomposes very wide factors (the first

@@ -39,10 +39,13 @@ def make_optimizer(name: str, params):
         return lg.RING(params, lr=0.1, rho=0.1, curvature_every=1, inverse_every=2, **kfac)
     if name == "RENG":
         return lg.RENG(params, lr=0.1, rho=0.1, curvature_every=1, inverse_every=1, **kfac)
-    if name == "RING-eigen":  # the second moment lives with the block's owner
-        return lg.RING(params, lr=0.05, preconditioner="eigen", curvature_every=1, inverse_every=2)
-    if name == "RING-gradient":  # gradient statistics: the owner forms them from .grad
-        return lg.RING(params, lr=0.05, curvature="gradient", curvature_every=1, inverse_every=2)
+    if name == "RING-eigen":  # K-FAC statistics; the second moment lives with the block's owner
+        return lg.RING(
+            params, lr=0.05, curvature="kfac", momentum_on="direction", curvature_every=1,
+            inverse_every=2,
+        )  # fmt: skip
+    if name == "RING-gradient":  # the defaults: the owner forms gradient statistics from .grad
+        return lg.RING(params, lr=0.05, inverse_every=2)
     if name == "RKalman":
         # rows >= the global batch: the owner absorbs exactly the rows the 1-process run does.
         return lg.RKalman(
@@ -122,8 +125,10 @@ def main() -> None:
         L.seed_everything(0, verbose=False)
         # The eigen mode's step depends on the basis inside a repeated eigenvalue's eigenspace
         # (docs/algorithms.md §8.4), which rounding picks differently on 1 and 2 processes; with
-        # 2B = 8 samples only layers narrower than that have full-rank factors.
-        width = min(args.width, 3) if name in ("RING-eigen", "RING-gradient") else args.width
+        # 2B = 8 samples only layers narrower than that have full-rank K-FAC factors. Gradient
+        # statistics settle their null space (rank-deficient at the first refresh: a 16 × 17
+        # gradient), so they run at the full width.
+        width = min(args.width, 3) if name == "RING-eigen" else args.width
         model = Net(name, width, args.layers, args.unused_on_rank0).double()
         timer = StepTimer()
         ddp_kwargs = {"static_graph": True} if args.static_graph else {}
