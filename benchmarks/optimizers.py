@@ -405,6 +405,80 @@ STRENGTH: tuple[OptimizerSpec, ...] = (
 )
 
 
+def _sam_adamw(model: nn.Module, lr: float, radius: float) -> torch.optim.Optimizer:
+    from pytorch_optimizer import SAM
+
+    return SAM(model.parameters(), base_optimizer=torch.optim.AdamW, rho=radius, lr=lr)
+
+
+def _gr_twin(name: str, base: str, what: str, build: Build) -> OptimizerSpec:
+    """A GR-study variant run at ``base``'s chosen lr (no sweep of its own): the paired
+    difference over seeds against ``base`` and its ρ = 0 twin is the effect of the change."""
+    return OptimizerSpec(name, build, (), what, "ablation", twin_of=base)
+
+
+def _reng(lr: float, m: nn.Module, **kw: object) -> lg.RENG:
+    return lg.RENG(m.parameters(), lr=lr, **kw)
+
+
+#: The GR study (issue 21): the library's defaults (eigen mode, gradient statistics, Adam-order
+#: momentum) with ρ on a grid at the same lr, RENG's finite-difference route, and SAM around
+#: AdamW at two radii (SAM's quality knob), all at equal backward passes per step (two).
+GR_STUDY: tuple[OptimizerSpec, ...] = (
+    _variant(
+        "SAM-AdamW",
+        lambda m, lr: _sam_adamw(m, lr, 0.05),
+        (3e-4, 1e-3, 3e-3, 1e-2),
+        "pytorch-optimizer SAM around torch AdamW, radius 0.05; two passes per step",
+    ),
+    _variant(
+        "SAM-AdamW-r0.2",
+        lambda m, lr: _sam_adamw(m, lr, 0.2),
+        (3e-4, 1e-3, 3e-3, 1e-2),
+        "pytorch-optimizer SAM around torch AdamW, radius 0.2; two passes per step",
+    ),
+    _variant(
+        "RENG-default",
+        lambda m, lr: _reng(lr, m),
+        EIGEN_GRID,
+        "RENG at the library's defaults (eigen mode, gradient statistics, rho 0.1, double "
+        "backprop)",
+        "grng",
+    ),
+    *(
+        _gr_twin(
+            f"RENG-default-rho{rho:g}",
+            "RENG-default",
+            f"RENG-default with rho = {rho:g}",
+            lambda m, lr, rho=rho: _reng(lr, m, rho=rho),
+        )
+        for rho in (0.0, 1.0)
+    ),
+    _gr_twin(
+        "RENG-default-fd",
+        "RENG-default",
+        "RENG-default with gr_mode='finite_difference' (Hg from a second gradient)",
+        lambda m, lr: _reng(lr, m, gr_mode="finite_difference"),
+    ),
+    _variant(
+        "RING-default",
+        lambda m, lr: lg.RING(m.parameters(), lr=lr),
+        EIGEN_GRID,
+        "RING at the library's defaults (eigen mode, gradient statistics, rho 0.1)",
+        "grng",
+    ),
+    *(
+        _gr_twin(
+            f"RING-default-rho{rho:g}",
+            "RING-default",
+            f"RING-default with rho = {rho:g}",
+            lambda m, lr, rho=rho: lg.RING(m.parameters(), lr=lr, rho=rho),
+        )
+        for rho in (0.0, 1.0)
+    ),
+)
+
+
 #: RENG costs two to three AdamW steps per step; its eigen mode runs on the language tasks.
 LANGUAGE_TASKS = ("shakespeare", "imdb")
 
@@ -511,7 +585,7 @@ SPECS: tuple[OptimizerSpec, ...] = (
     _twin(lg.RENG, "eigen", LANGUAGE_TASKS),
 )
 
-BY_NAME = {spec.name: spec for spec in (*SPECS, *STRENGTH)}
+BY_NAME = {spec.name: spec for spec in (*SPECS, *STRENGTH, *GR_STUDY)}
 
 # Sophia and SINGD are left out of the generalization task to keep `make bench` near two hours;
 # SAM, the flat-minima baseline, runs only there.

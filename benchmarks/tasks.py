@@ -42,6 +42,7 @@ class Task:
     load: Callable[[str, Budget], tuple[TensorDataset, TensorDataset, TensorDataset, int]]
     description: str
     generalization: bool = False  # trained until it fits: also train metric and sharpness
+    in_benchmark: bool = True  # run by `make bench` (the GR study's tasks are not)
 
     @property
     def higher_is_better(self) -> bool:
@@ -121,6 +122,34 @@ def _fashion_mnist(profile: str, budget: Budget):
     return dm.train_set, dm.val_set, dm.test_set, 10
 
 
+#: Seed of the label noise: the same corrupted labels for every optimizer, lr and seed.
+NOISE_SEED = 1234
+
+
+def symmetric_noise(labels: Tensor, rate: float, classes: int, seed: int = NOISE_SEED) -> Tensor:
+    """``labels`` with a seeded ``rate`` fraction replaced by a different class, uniformly
+    (symmetric label noise: every wrong class equally likely)."""
+    g = torch.Generator().manual_seed(seed)
+    flip = torch.rand(len(labels), generator=g) < rate
+    shift = torch.randint(1, classes, (len(labels),), generator=g)
+    return torch.where(flip, (labels + shift) % classes, labels)
+
+
+def _noisy_fashion_mnist(rate: float) -> Callable[[str, Budget], tuple]:
+    """The 5k Fashion-MNIST subset with symmetric noise on the training and validation labels
+    (what a user holds); the test labels stay clean."""
+
+    def load(profile: str, budget: Budget):
+        train, val, test, classes = _fashion_mnist(profile, budget)
+        noisy = [
+            TensorDataset(d.tensors[0], symmetric_noise(d.tensors[1], rate, classes, seed))
+            for seed, d in enumerate((train, val), start=NOISE_SEED)
+        ]
+        return noisy[0], noisy[1], test, classes
+
+    return load
+
+
 def _shakespeare(profile: str, budget: Budget):
     if profile == "tiny":
         return (*(_generated("chars", n, s) for s, n in enumerate((256, 64, 64))), 16)
@@ -179,6 +208,27 @@ TASKS: dict[str, Task] = {
             description="the Fashion-MNIST CNN on a seeded 5k-image training subset, 30 epochs "
             "(train accuracy near 100 %); same 5k validation / official 10k test",
             generalization=True,
+        ),
+        *(
+            Task(
+                name=f"fashion_mnist_noisy{round(100 * rate)}",
+                title=f"Fashion-MNIST 5k, {round(100 * rate)} % symmetric label noise, "
+                "trained to fit (GR study)",
+                metric="accuracy",
+                batch_size=128,
+                budgets={
+                    "full": Budget(steps=1170, sweep_steps=390, evals=6, subset=5000),
+                    "quick": Budget(steps=80, sweep_steps=0, evals=2, subset=1000),
+                    "tiny": Budget(steps=6, sweep_steps=4, evals=2),
+                },
+                model=lambda classes: ImageClassifier(classes, width=16, hidden=64).net,
+                load=_noisy_fashion_mnist(rate),
+                description="the 5k-subset CNN task with a seeded share of the training and "
+                "validation labels replaced by another class (uniformly); clean 10k test set",
+                generalization=True,
+                in_benchmark=False,
+            )
+            for rate in (0.2, 0.4)
         ),
         Task(
             name="shakespeare",

@@ -375,3 +375,24 @@ def test_variants_script_writes_its_tables(tmp_path, preset):
     for name in variants.PRESETS[preset]:
         assert text.count(f"| {name} |") == 2  # a timing row and a quality row
     assert "| AdamW |" in text
+
+
+def test_symmetric_label_noise_moves_a_seeded_share_to_another_class():
+    from benchmarks.tasks import symmetric_noise
+
+    labels = torch.arange(10).repeat(1000)
+    noisy = symmetric_noise(labels, 0.4, 10)
+    changed = noisy != labels
+    assert 0.38 < float(changed.float().mean()) < 0.42
+    assert torch.equal(noisy, symmetric_noise(labels, 0.4, 10))  # the same for every run
+    assert int(noisy.min()) >= 0 and int(noisy.max()) <= 9
+    # Every wrong class about equally likely: 1/9 of the flips each.
+    counts = torch.bincount((noisy[changed] - labels[changed]) % 10, minlength=10)
+    assert counts[0] == 0 and float(counts[1:].min()) > 0.8 * float(counts[1:].max())
+
+
+def test_gr_study_effect_is_the_paired_difference_over_common_seeds():
+    from benchmarks.gr_study import paired
+
+    mean, std, n = paired({0: 80.0, 1: 82.0, 2: 81.0}, {0: 79.0, 1: 80.0, 3: 50.0})
+    assert (mean, n) == (1.5, 2) and std == pytest.approx(0.7071, rel=1e-3)

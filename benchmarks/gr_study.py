@@ -1,0 +1,195 @@
+"""The GR study's summary (issue 21): where gradient regularization helps.
+
+Each regime is a suite run (``python -m benchmarks.suite --tasks <regime> --optimizers
+<GR_STUDY specs> --out <folder>/<regime> --resume``: lr sweep with edge extension, 3 seeds).
+This script reads every ``<folder>/*/runs.csv`` and writes ``<folder>/README.md`` and one plot
+per regime (``<regime>.png``: the effect of ρ against ρ, paired over seeds, with error bars):
+
+* the **effect** of each GR setting: its final test metric minus its ρ = 0 twin's, paired by
+  seed (same initialization, data order and lr), mean ± std of the paired difference, and
+  whether it is beyond 2 std (and the mean of the per-seed differences is not 0);
+* the **comparison** with what users pick: the best of RENG/RING against SAM around AdamW at
+  equal backward passes per step (the better of its two radii), AdamW and SOAP;
+* the mean gradient norm over training (the paper's Figure 1 claim: GR lowers ‖∇ℓ‖).
+
+    python -m benchmarks.gr_study benchmarks/results/gr
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+#: Each GR route: its variants by ρ (the swept default at ρ = 0.1 and its twins at its lr).
+ROUTES = {
+    "RENG": {0.0: "RENG-default-rho0", 0.1: "RENG-default", 1.0: "RENG-default-rho1"},
+    "RING": {0.0: "RING-default-rho0", 0.1: "RING-default", 1.0: "RING-default-rho1"},
+}
+#: RENG's finite-difference route at ρ = 0.1, against the same twin.
+EXTRA = {"RENG (finite difference), ρ 0.1": ("RENG-default-fd", "RENG-default-rho0")}
+SAM = ("SAM-AdamW", "SAM-AdamW-r0.2")
+USERS = ("AdamW", "SOAP-hb")
+
+
+def _load(folder: Path) -> dict[str, dict[str, dict[int, dict[str, str]]]]:
+    """task → optimizer → seed → final run row."""
+    out: dict[str, dict[str, dict[int, dict[str, str]]]] = defaultdict(lambda: defaultdict(dict))
+    for path in sorted(folder.glob("*/runs.csv")):
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                if row["phase"] == "final":
+                    out[row["task"]][row["optimizer"]][int(row["seed"])] = row
+    return out
+
+
+def _test(runs: dict[int, dict[str, str]]) -> dict[int, float]:
+    """Final test accuracy in percent per seed (NaN where the run diverged)."""
+    return {
+        seed: math.nan if row["diverged"] == "True" else 100 * float(row["final_test"])
+        for seed, row in runs.items()
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int]:
+    """Mean and std over seeds of ``a − b`` on the seeds both have, and their count."""
+    diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+    return (*_mean_std(diffs), len(diffs))
+
+
+def _fmt(mean: float, std: float, signed: bool = False) -> str:
+    if math.isnan(mean):
+        return "–"
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return text if math.isnan(std) else f"{text} ± {std:.2f}"
+
+
+def _verdict(mean: float, std: float, n: int) -> str:
+    if n < 2 or math.isnan(std):
+        return "–"
+    return "**yes**" if (abs(mean) > 2 * std and std > 0) or (std == 0 and mean != 0) else "no"
+
+
+def regime_lines(task: str, runs: dict[str, dict[int, dict[str, str]]]) -> list[str]:
+    tests = {opt: _test(r) for opt, r in runs.items()}
+    lines = [f"### {task}", ""]
+    lines += ["| GR setting | its test acc % | ρ = 0 twin | paired effect (points) | > 2 std |"]
+    lines += ["|---|---|---|---|---|"]
+    settings = [
+        (f"{route}, ρ {rho:g}", names[rho], names[0.0])
+        for route, names in ROUTES.items()
+        for rho in sorted(names)
+        if rho > 0
+    ] + [(label, name, twin) for label, (name, twin) in EXTRA.items()]
+    for label, name, twin in settings:
+        if name not in tests or twin not in tests:
+            continue
+        mean, std, n = paired(tests[name], tests[twin])
+        own = _fmt(*_mean_std([v for v in tests[name].values() if not math.isnan(v)]))
+        base = _fmt(*_mean_std([v for v in tests[twin].values() if not math.isnan(v)]))
+        lines.append(
+            f"| {label} | {own} | {base} | {_fmt(mean, std, True)} (n={n}) | "
+            f"{_verdict(mean, std, n)} |"
+        )
+    lines += ["", "| optimizer | lr | test acc % | mean ‖∇ℓ‖ | train s |", "|---|---|---|---|---|"]
+    for opt in sorted(runs, key=lambda o: -statistics.fmean(_finite(tests[o]) or [-1.0])):
+        rows = list(runs[opt].values())
+        norms = [float(r["mean_grad_norm"]) for r in rows if r["mean_grad_norm"] != "nan"]
+        secs = statistics.fmean(float(r["train_seconds"]) for r in rows)
+        lines.append(
+            f"| {opt} | {rows[0]['lr']} | {_fmt(*_mean_std(_finite(tests[opt])))} | "
+            f"{statistics.fmean(norms):.3g} | {secs:.0f} |"
+            if norms
+            else f"| {opt} | {rows[0]['lr']} | {_fmt(*_mean_std(_finite(tests[opt])))} | – | "
+            f"{secs:.0f} |"
+        )
+    best_gr = _best(tests, [n for names in ROUTES.values() for n in names.values()])
+    best_sam = _best(tests, SAM)
+    if best_gr and best_sam:
+        mean, std, n = paired(tests[best_gr], tests[best_sam])
+        lines += [
+            "",
+            f"Best GR variant {best_gr} against the better SAM-AdamW ({best_sam}), paired by "
+            f"seed: {_fmt(mean, std, True)} points (n={n}); beats it beyond 2 std: "
+            f"{_verdict(mean, std, n) if mean > 0 else 'no'}.",
+        ]
+    return [*lines, ""]
+
+
+def _finite(values: dict[int, float]) -> list[float]:
+    return [v for v in values.values() if not math.isnan(v)]
+
+
+def _best(tests: dict[str, dict[int, float]], names) -> str | None:
+    means = {
+        n: statistics.fmean(_finite(tests[n])) for n in names if n in tests and _finite(tests[n])
+    }
+    return max(means, key=means.get, default=None)
+
+
+def plot(task: str, runs: dict[str, dict[int, dict[str, str]]], path: Path) -> None:
+    """Paired effect of ρ against ρ (mean ± std over seeds), one line per route."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tests = {opt: _test(r) for opt, r in runs.items()}
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for route, names in ROUTES.items():
+        if names[0.0] not in tests:
+            continue
+        rhos, means, stds = [], [], []
+        for rho, name in sorted(names.items()):
+            mean, std, _ = paired(tests[name], tests[names[0.0]]) if name in tests else (0, 0, 0)
+            if name in tests and not math.isnan(mean):
+                rhos.append(max(rho, 0.01))  # ρ = 0 drawn at 0.01 on the log axis
+                means.append(mean)
+                stds.append(0.0 if math.isnan(std) else std)
+        if rhos:
+            ax.errorbar(rhos, means, yerr=stds, marker="o", capsize=3, label=route)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    if ax.lines[1:]:  # a log axis needs data (an incomplete study may have none yet)
+        ax.set_xscale("log")
+        ax.legend()
+    ax.set_xlabel("ρ (ρ = 0 drawn at 0.01)")
+    ax.set_ylabel("test accuracy − ρ = 0 twin (points)")
+    ax.set_title(task, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    data = _load(args.folder)
+    lines = [
+        "# Where does gradient regularization help? (issue 21)",
+        "",
+        "Produced by `python -m benchmarks.gr_study " + str(args.folder) + "` from the suite "
+        "runs in the subfolders (the commands are in `benchmarks/README.md`). Test accuracy "
+        "on the clean test set, 3 seeds at each optimizer's chosen lr; the GR settings' "
+        "twins run at the swept variant's lr, so each paired difference changes ρ only.",
+        "",
+    ]
+    for task in sorted(data):
+        lines += regime_lines(task, data[task])
+        plot(task, data[task], args.folder / f"{task}.png")
+        lines += [f"![{task}]({task}.png)", ""]
+    (args.folder / "README.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
