@@ -30,7 +30,7 @@ DASH = "—"
 STEP_TIME_LIMIT = 1.2
 # This project's optimizers; everything else in a results folder is a baseline.
 PROJECT_FAMILIES = ("grng", "ablation")
-PROJECT_KFAC = ("KFAC", "KFAC-eigen")  # this project's ρ = 0 members (family "kfac")
+PROJECT_KFAC = ("KFAC", "KFAC-eigen", "KFAC-default")  # the project's ρ = 0 members ("kfac")
 # Quality fields that mean nothing once a run has diverged, even if the suite logged a number.
 QUALITY_FIELDS = {"final_train_loss", "final_val", "best_val", "final_test", "test_loss"}
 
