@@ -150,3 +150,19 @@ def test_the_newton_route_refuses_the_basis_options(option):
         lg.RING(nn.Linear(2, 2).parameters(), preconditioner="kfac", **option)
     with pytest.raises(ValueError, match="an integer >= 1"):
         lg.KFAC(nn.Linear(2, 2).parameters(), **{k: 0 for k in option})
+
+
+def test_eigen_mode_keeps_factors_over_2048_diagonal_by_default():
+    """An LM head's vocabulary side (here 2049 wide) is diagonal unless max_factor says
+    otherwise; the kfac mode has no cap."""
+    assert lg.RING(nn.Linear(2, 2).parameters()).max_factor == 2048
+    assert lg.RING(nn.Linear(2, 2).parameters(), preconditioner="kfac").max_factor is None
+    head = nn.Linear(4, 2049, bias=False)
+    opt = lg.KFAC(head.parameters(), curvature_every=1, inverse_every=1)
+    lg.attach(head, opt, report=False)
+    opt.zero_grad()
+    head(torch.randn(3, 4)).pow(2).sum().backward()
+    opt.step()
+    factors = opt.factors(next(iter(opt.blocks)))
+    assert factors.G.shape == (1, 2049) and factors.evec_G is None
+    assert factors.A.shape == (1, 4, 4)

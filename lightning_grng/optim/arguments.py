@@ -73,7 +73,8 @@ DESCRIPTIONS: dict[str, str] = {
     "factor at once (1: every block). eigh-based routes only.",
     "max_factor": "None (default) or a width: a Kronecker factor wider than this is kept as "
     "its diagonal (its eigenbasis the identity, like an embedding's input factor), so it is "
-    "never decomposed. eigh-based routes only.",
+    "never decomposed. eigh-based routes only. None: 2048 in the eigen mode (an LM head's "
+    "vocabulary side stays diagonal, as SOAP's max_precond_dim does), no cap in the kfac mode.",
     "split_conv": "None (default) or a width: with gradient statistics, a convolution whose "
     "weight columns (C_in*kh*kw) are wider than this keeps its input side as two factors, "
     "over channels (C_in) and kernel taps (kh*kw), per tensor dimension as Shampoo and SOAP "

@@ -43,6 +43,10 @@ WIDE_FACTOR = 2048
 #: (ResNet-18's 3×3 convolutions from 128 channels on: 1152–4608 wide, against ≤ 512 per
 #: dimension; the measurement is in docs/defaults.md).
 SPLIT_CONV = 512
+#: Default ``max_factor`` of the eigen mode: a factor wider than this is kept as its diagonal
+#: (an LM head's vocabulary side: 50,257 wide for GPT-2, a 10 GB dense factor), as heavyball's
+#: SOAP keeps dimensions above its ``max_precond_dim`` (2048) unrotated.
+EIGEN_MAX_FACTOR = 2048
 
 
 @documented
@@ -136,6 +140,8 @@ class KFAC(GRNGOptimizer):
         self.stagger_first, self.max_factor = check_basis_options(
             name, route_cls, hp.pop("stagger_first"), hp.pop("max_factor")
         )
+        if self.max_factor is None and issubclass(route_cls, EigenRoute):
+            self.max_factor = EIGEN_MAX_FACTOR
         self.split_conv = self._split_option(name, hp.pop("split_conv"))
         momentum_on = hp.pop("momentum_on") or ("gradient" if eigen else "direction")
         self.momentum_on = check_choice(name, "momentum_on", momentum_on, MomentumOn)
