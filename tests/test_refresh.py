@@ -313,9 +313,11 @@ def test_warm_refresh_is_refused_outside_the_eigen_mode():
 
 
 def test_defaults_keep_the_eigh_route_and_options_off():
+    """The full-eigh eigen route, no stand-in bases; factors over 2048 diagonal (the eigen
+    mode's cap, tests/test_size_policy.py)."""
     opt = lg.RING(nn.Linear(2, 2).parameters())
     assert type(opt.route) is routes.EigenRoute
-    assert opt.stagger_first is None and opt.max_factor is None
+    assert opt.stagger_first is None and opt.max_factor == 2048
 
 
 def test_a_resumed_run_keeps_its_pending_full_decompositions():
