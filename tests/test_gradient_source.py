@@ -257,3 +257,48 @@ def test_reng_gradient_statistics_are_those_of_the_gradient_it_preconditions():
     key = next(k for k, b in opt.blocks.items() if b.name == "0")
     torch.testing.assert_close(opt.factors(key).G[0], V @ V.T, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(opt.factors(key).A[0], V.T @ V, rtol=1e-10, atol=1e-13)
+
+
+def test_rotated_first_moment_is_the_gradients_average_in_the_current_basis():
+    """The first moment lives in the eigenbasis and is mapped exactly at every refresh: after
+    steps that each refresh the basis, it equals Q_Gᵀ m Q_A for m the plain EMA of the
+    gradients and Q the current bases (to rounding)."""
+    model = mlp()
+    beta1 = 0.9
+    opt = lg.RING(model.parameters(), **{**ONE_STEP, "lr": 0.01, "momentum": beta1})
+    lg.attach(model, opt, report=False)
+    g = torch.Generator().manual_seed(6)
+    m = None
+    for _ in range(5):
+        x = torch.randn(8, 5, generator=g, dtype=F64)
+        y = torch.randint(0, 3, (8,), generator=g)
+        V = _grad_matrices(model, x, y)[0]
+        m = (1 - beta1) * V if m is None else beta1 * m + (1 - beta1) * V
+        _step(opt, model, x, y)
+    factors = opt.factors(next(k for k, b in opt.blocks.items() if b.name == "0"))
+    expected = factors.evec_G[0].T @ m @ factors.evec_A[0]
+    torch.testing.assert_close(factors.rotated_first_moment[0], expected, rtol=1e-9, atol=1e-13)
+
+
+def test_a_checkpoint_with_the_first_moment_in_parameter_coordinates_is_converted():
+    """Checkpoints written before the first moment moved into the eigenbasis hold it as
+    ``first_moment`` (parameter coordinates): loading rotates it into the saved basis."""
+    model = mlp()
+    opt = lg.RING(model.parameters(), **{**ONE_STEP, "lr": 0.01, "momentum": 0.9})
+    lg.attach(model, opt, report=False)
+    x, y = classification_batch()
+    for _ in range(2):
+        _step(opt, model, x, y)
+    saved = opt.state_dict()
+    key = next(k for k, b in opt.blocks.items() if b.name == "0")
+    block = saved["grng"]["blocks"][key]
+    f = opt.factors(key)
+    legacy = f.evec_G @ block.pop("rotated_first_moment") @ f.evec_A.transpose(-1, -2)
+    block["first_moment"] = legacy
+    other = mlp()
+    fresh = lg.RING(other.parameters(), **{**ONE_STEP, "lr": 0.01, "momentum": 0.9})
+    fresh.load_state_dict(saved)
+    lg.attach(other, fresh, report=False)
+    torch.testing.assert_close(
+        fresh.factors(key).rotated_first_moment, f.rotated_first_moment, rtol=1e-12, atol=1e-14
+    )

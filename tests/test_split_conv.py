@@ -42,7 +42,8 @@ def _step(opt, model, x, y) -> None:
 
 def _block_diag_kron(Q_C: torch.Tensor, Q_K: torch.Tensor, extra: int) -> torch.Tensor:
     """``diag(Q_C ⊗ Q_K, I_extra)``: the weight columns' basis, a bias column untouched."""
-    return torch.block_diag(torch.kron(Q_C, Q_K), torch.eye(extra, dtype=Q_C.dtype))
+    kron = torch.kron(Q_C.contiguous(), Q_K.contiguous())
+    return torch.block_diag(kron, torch.eye(extra, dtype=Q_C.dtype))
 
 
 def test_split_factors_are_the_mode_unfoldings_products():
@@ -176,3 +177,22 @@ def test_split_keeps_a_wide_convolutions_state_small():
         factors = opt.factors(next(iter(opt.blocks)))
         sizes[split] = (tuple(factors.evec_A.shape), factors.K is not None)
     assert sizes == {None: ((1, 128, 128), True), 10_000: ((1, 1152, 1152), False)}
+
+
+def test_rotated_first_moment_of_a_split_conv_is_mapped_exactly_at_refreshes():
+    """Adam's first moment in the channel ⊗ tap basis equals the plain EMA of the gradients
+    rotated by the current bases, after steps that each refresh them."""
+    model = _conv_net()
+    beta1 = 0.9
+    opt = lg.RING(model.parameters(), split_conv=1, **{**ONE_STEP, "lr": 0.01, "momentum": beta1})
+    lg.attach(model, opt, report=False)
+    m = None
+    for i in range(4):
+        x, y = _batch(seed=20 + i)
+        V = _conv_gradient(model, x, y)
+        m = (1 - beta1) * V if m is None else beta1 * m + (1 - beta1) * V
+        _step(opt, model, x, y)
+    f = opt.factors(next(k for k, b in opt.blocks.items() if b.name == "0"))
+    Q_A = _block_diag_kron(f.evec_A[0], f.evec_K[0], extra=1)
+    expected = f.evec_G[0].T @ m @ Q_A
+    torch.testing.assert_close(f.rotated_first_moment[0], expected, rtol=1e-9, atol=1e-13)

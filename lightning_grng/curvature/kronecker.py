@@ -73,7 +73,7 @@ class KroneckerFactors:
 
     TENSORS = (
         "A", "G", "eval_A", "evec_A", "eval_G", "evec_G", "inv_A", "inv_G", "moment",
-        "first_moment", "K", "eval_K", "evec_K",
+        "rotated_first_moment", "K", "eval_K", "evec_K",
     )  # fmt: skip
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -90,9 +90,12 @@ class KroneckerFactors:
         #: ``(g, n_out, n_in)``, and how many gradients it holds (for the bias correction).
         self.moment: Tensor | None = None
         self.moment_count = 0
-        #: ``momentum_on="gradient"``: EMA of the gradient matrix itself (Adam's first moment,
-        #: in parameter coordinates, so a basis change leaves it alone), and its count.
-        self.first_moment: Tensor | None = None
+        #: ``momentum_on="gradient"``: EMA of the gradient (Adam's first moment), kept in the
+        #: eigenbasis, ``Q_Gᵀ m Q_A``: it is linear in the gradient, so averaging the rotated
+        #: gradients is rotating the average, and a basis change maps it exactly
+        #: (:func:`carry_first_moment`). One rotation per step fewer than keeping m in
+        #: parameter coordinates. And how many gradients it holds.
+        self.rotated_first_moment: Tensor | None = None
         self.first_count = 0
         #: The kernel-tap factor of a split input side, its eigenvalues and eigenvectors.
         self.K: Tensor | None = None
@@ -243,10 +246,11 @@ class KroneckerFactors:
             None if new is None else _keep_last_good(new, prev, take)
             for new, prev in zip(parts, old, strict=True)
         ]
+        bases = (old[1], kept[1]), (old[3], kept[3]), (old[5], kept[5])
         if self.moment is not None:
-            self.moment = carry_moment(
-                self.moment, (old[1], kept[1]), (old[3], kept[3]), (old[5], kept[5])
-            )
+            self.moment = carry_moment(self.moment, *bases)
+        if self.rotated_first_moment is not None:
+            self.rotated_first_moment = carry_first_moment(self.rotated_first_moment, *bases)
         self.eval_A, self.evec_A, self.eval_G, self.evec_G, self.eval_K, self.evec_K = kept
         self.inv_A = self.inv_G = None
         return self._failed(ok)
@@ -369,22 +373,22 @@ class KroneckerFactors:
         self.moment_count += 1
         return self.moment / (1.0 - beta2**self.moment_count)
 
-    def update_first_moment(self, V: Tensor, beta1: float) -> Tensor:
-        """Absorbs the gradient matrix ``V`` into the first moment and returns its bias-corrected
-        value ``m / (1 − β₁ᵗ)`` (Adam's). A non-finite ``V`` leaves it unchanged (on the
-        device)."""
-        V = V.to(self.dtype)
-        if self.first_moment is None or self.first_moment.shape != V.shape:
-            self.first_moment, self.first_count = torch.zeros_like(V), 0
-        ok = torch.isfinite(V).all()
-        blended = self.first_moment * beta1 + V * (1.0 - beta1)
-        self.first_moment = torch.where(ok, blended, self.first_moment)
+    def update_first_moment(self, R: Tensor, beta1: float) -> Tensor:
+        """Absorbs the rotated gradient ``R = Q_Gᵀ V Q_A`` into the first moment (kept in the
+        eigenbasis) and returns its bias-corrected value ``m / (1 − β₁ᵗ)`` (Adam's), in the
+        dtype of ``R``. A non-finite ``R`` leaves it unchanged (on the device)."""
+        stored = R.to(self.dtype)
+        m = self.rotated_first_moment
+        if m is None or m.shape != stored.shape:
+            m, self.first_count = torch.zeros_like(stored), 0
+        ok = torch.isfinite(stored).all()
+        self.rotated_first_moment = torch.where(ok, m * beta1 + stored * (1.0 - beta1), m)
         self.first_count += 1
-        return self.first_moment / (1.0 - beta1**self.first_count)
+        return (self.rotated_first_moment / (1.0 - beta1**self.first_count)).to(R.dtype)
 
     def state_dict(self) -> dict[str, object]:
         state: dict[str, object] = {"updates": self.updates, "moment_count": self.moment_count}
-        if self.first_moment is not None:
+        if self.rotated_first_moment is not None:
             state["first_count"] = self.first_count
         if any(self.full_next):  # a pending full eigh (warm route; a stand-in basis)
             state["full_next"] = list(self.full_next)
@@ -404,6 +408,10 @@ class KroneckerFactors:
             setattr(self, key, None if value is None else value.to(device))  # type: ignore[union-attr]
         if self.A is not None:
             self.dtype = self.A.dtype
+        legacy = state.get("first_moment")  # kept in parameter coordinates before 2026-12-06
+        if legacy is not None and self.rotated_first_moment is None and self.ready:
+            rotated = self.to_eigenbasis(legacy.to(device))  # type: ignore[union-attr]
+            self.rotated_first_moment = rotated.to(legacy.dtype)  # type: ignore[union-attr]
         self.valid = self.unusable = None
         self.cold_next = False
         self.drifted = (None, None, None)
@@ -468,6 +476,33 @@ def carry_moment(
         out = input_side(out, square_A, square_K)
     # A non-finite old basis (a failed first decomposition) carries nothing over.
     return torch.where(torch.isfinite(out).all(), out.to(moment.dtype), moment)
+
+
+def _change_of_basis(basis: tuple[Tensor | None, Tensor | None]) -> Tensor | None:
+    """``Q_oldᵀ Q_new`` of a side whose basis changed; None when there is nothing to map."""
+    old, new = basis
+    if old is None or new is None or old.shape != new.shape:
+        return None
+    return old.to(new.dtype).transpose(-1, -2) @ new
+
+
+def carry_first_moment(
+    m: Tensor,
+    basis_A: tuple[Tensor | None, Tensor | None],
+    basis_G: tuple[Tensor | None, Tensor | None],
+    basis_K: tuple[Tensor | None, Tensor | None] = (None, None),
+) -> Tensor:
+    """The rotated first moment after a basis change ``(old, new)`` of each factor, exactly:
+    ``Q_G,newᵀ (Q_G,old m Q_A,oldᵀ) Q_A,new`` (for a split input side, ``Q_A ⊗ Q_K``). Where
+    the result is not finite (a failed first decomposition), the moment is kept."""
+    out = m
+    map_G = _change_of_basis(basis_G)
+    if map_G is not None:
+        out = map_G.transpose(-1, -2) @ out.to(map_G.dtype)
+    map_A, map_K = _change_of_basis(basis_A), _change_of_basis(basis_K)
+    if map_A is not None and (basis_K[1] is None or map_K is not None):
+        out = input_side(out, map_A, map_K)
+    return torch.where(torch.isfinite(out).all(), out.to(m.dtype), m)
 
 
 def _keep_last_good(new: Tensor, previous: Tensor | None, take: Tensor) -> Tensor:

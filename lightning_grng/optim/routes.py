@@ -268,8 +268,8 @@ class EigenRoute(EighRoute):
         D = factors.update_moment(R, self.beta2)
         curvature, ratio = eigen_curvature(D, R, damping)
         scale = curvature.rsqrt() if self.power == 0.5 else curvature.pow(-self.power)
-        if self.first_moment:
-            R = factors.to_eigenbasis(factors.update_first_moment(V, beta1))
+        if self.first_moment:  # kept in the eigenbasis: no second rotation
+            R = factors.update_first_moment(R, beta1)
         return factors.from_eigenbasis(R * scale, V.dtype), ratio
 
 
