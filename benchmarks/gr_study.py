@@ -26,8 +26,16 @@ from pathlib import Path
 
 #: Each GR route: its variants by ρ (the swept default at ρ = 0.1 and its twins at its lr).
 ROUTES = {
-    "RENG": {0.0: "RENG-default-rho0", 0.1: "RENG-default", 1.0: "RENG-default-rho1"},
-    "RING": {0.0: "RING-default-rho0", 0.1: "RING-default", 1.0: "RING-default-rho1"},
+    "RENG": {
+        0.0: "RENG-default-rho0",
+        0.1: "RENG-default",
+        **{rho: f"RENG-default-rho{rho:g}" for rho in (1.0, 3.0, 10.0)},
+    },
+    "RING": {
+        0.0: "RING-default-rho0",
+        0.1: "RING-default",
+        **{rho: f"RING-default-rho{rho:g}" for rho in (1.0, 10.0)},
+    },
 }
 #: RENG's finite-difference route at ρ = 0.1, against the same twin.
 EXTRA = {"RENG (finite difference), ρ 0.1": ("RENG-default-fd", "RENG-default-rho0")}

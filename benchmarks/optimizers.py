@@ -475,12 +475,13 @@ GR_STUDY: tuple[OptimizerSpec, ...] = (
     ),
     *(
         _gr_twin(
-            f"{cls.__name__}-default-rho1",
+            f"{cls.__name__}-default-rho{rho:g}",
             f"{cls.__name__}-default",
-            f"{cls.__name__}-default with rho = 1",
-            lambda m, lr, cls=cls: cls(m.parameters(), lr=lr, rho=1.0),
+            f"{cls.__name__}-default with rho = {rho:g}",
+            lambda m, lr, cls=cls, rho=rho: cls(m.parameters(), lr=lr, rho=rho),
         )
-        for cls in (lg.RENG, lg.RING)
+        for cls, rhos in ((lg.RENG, (1.0, 3.0, 10.0)), (lg.RING, (1.0, 10.0)))
+        for rho in rhos
     ),
 )
 
