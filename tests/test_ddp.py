@@ -30,6 +30,10 @@ SCRIPT = ROOT / "tests" / "scripts" / "ddp_parity.py"
 OPTIMIZERS = ["KFAC", "RING", "RENG", "RKalman", "RING-eigen", "RING-gradient"]
 #: Observed differences are <= 5e-15 (float64); the bound leaves room for other BLAS builds.
 ATOL = 1e-12
+#: The defaults' gradient statistics at full width are rank-deficient at the first refreshes:
+#: their null-space basis is settled (unique), but computing it divides rounding by the gap to
+#: the range, so 1 and 2 processes agree to ~1e-12 (observed 1.04e-12), not 5e-15.
+ATOL_OF = {"RING-gradient": 1e-10}
 
 
 # ---------------------------------------------------------------------------- the assignment
@@ -156,7 +160,7 @@ def runs(tmp_path_factory):
 def test_ddp_parity_with_single_process(runs, name):
     one = _weights(runs / "one", f"{name}_w1_r0")
     two = [_weights(runs / "two", f"{name}_w2_r{r}") for r in (0, 1)]
-    assert _max_diff(one, two[0]) < ATOL
+    assert _max_diff(one, two[0]) < ATOL_OF.get(name, ATOL)
     assert _max_diff(two[0], two[1]) == 0.0  # identical steps on every rank
     # The training moved the weights well beyond the tolerance (the comparison means something).
     assert _max_diff(one, _weights(runs / "ck2", f"{name}_w2_r0")) > 1e-3
@@ -180,10 +184,11 @@ def test_ddp_checkpoint_resumes_on_other_world_sizes(runs, name):
     ckpt = torch.load(runs / "ck2" / f"{name}.ckpt", weights_only=False)
     blocks = ckpt["optimizer_states"][0]["grng"]["blocks"]
     assert len(blocks) == 4 and all(len(state) > 1 for state in blocks.values())  # consolidated
-    assert _max_diff(reference, _weights(runs / "ck2", f"{name}_res_w1_r0")) < ATOL  # 2 -> 1
+    atol = ATOL_OF.get(name, ATOL)
+    assert _max_diff(reference, _weights(runs / "ck2", f"{name}_res_w1_r0")) < atol  # 2 -> 1
     for r in (0, 1):
-        assert _max_diff(reference, _weights(runs / "ck2", f"{name}_res_w2_r{r}")) < ATOL  # 2 -> 2
-        assert _max_diff(reference, _weights(runs / "ck1", f"{name}_res_w2_r{r}")) < ATOL  # 1 -> 2
+        assert _max_diff(reference, _weights(runs / "ck2", f"{name}_res_w2_r{r}")) < atol  # 2 -> 2
+        assert _max_diff(reference, _weights(runs / "ck1", f"{name}_res_w2_r{r}")) < atol  # 1 -> 2
 
 
 def test_ddp_block_without_gradient_on_one_rank_does_not_deadlock(tmp_path):
