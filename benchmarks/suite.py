@@ -183,16 +183,21 @@ def run_suite(args: argparse.Namespace) -> Path:
     curves: list[dict] = []
 
     previous = _previous_runs(out) if args.resume else {}
+    # Runs of the previous attempt not reused yet: written with every save, so an interrupted
+    # resumed run never leaves fewer finished runs on disk than it started with.
+    unclaimed = dict(previous)
 
     def save() -> None:
-        _write_csv(out / "runs.csv", RUN_FIELDS, rows)
-        _write_csv(out / "curves.csv", CURVE_FIELDS, curves)
+        kept = list(unclaimed.values())
+        _write_csv(out / "runs.csv", RUN_FIELDS, rows + [row for row, _ in kept])
+        _write_csv(out / "curves.csv", CURVE_FIELDS, curves + [p for _, pts in kept for p in pts])
 
     def collect(jobs: list[harness.Job]) -> None:
         todo = []
         for job in jobs:
             if _key(job) in previous:  # --resume: this run is already in runs.csv
                 row, points = previous[_key(job)]
+                unclaimed.pop(_key(job), None)
                 rows.append(row)
                 curves.extend(points)
             else:

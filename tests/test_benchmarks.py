@@ -248,6 +248,31 @@ def test_resume_reruns_only_the_missing_runs(tmp_path):
     assert points == sorted(tuple(r.values()) for r in curves)
 
 
+def test_a_resumed_run_never_writes_fewer_finished_runs_than_it_started_with(tmp_path, monkeypatch):
+    """Every save of a resumed run keeps the previous attempt's runs that it has not reached
+    yet, so an interruption during the resumed sweep cannot lose the earlier final runs."""
+    args = ["--profile", "tiny", "--tasks", "imdb", "--optimizers", "RING", "--workers", "1",
+            "--out", str(tmp_path)]  # fmt: skip
+    suite.main(args)
+    complete = _rows(tmp_path / "runs.csv")
+    missing = next(r for r in complete if r["phase"] == "sweep")
+    suite._write_csv(
+        tmp_path / "runs.csv", suite.RUN_FIELDS, [r for r in complete if r is not missing]
+    )
+    finals = sum(r["phase"] == "final" for r in complete)
+    written = []
+    original = suite._write_csv
+
+    def recording(path, fields, rows):
+        if path.name == "runs.csv":
+            written.append(sum(r["phase"] == "final" for r in rows))
+        original(path, fields, rows)
+
+    monkeypatch.setattr(suite, "_write_csv", recording)
+    suite.main([*args, "--resume"])
+    assert written and all(n == finals for n in written)
+
+
 def test_learning_rate_choice_ignores_failed_runs_and_respects_the_metric_direction():
     def row(task, lr, val, failed=False):
         return dict(task=task, optimizer="RING", lr=lr, final_val=val, diverged=failed)
