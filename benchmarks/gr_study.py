@@ -34,7 +34,7 @@ ROUTES = {
     "RING": {
         0.0: "RING-default-rho0",
         0.1: "RING-default",
-        **{rho: f"RING-default-rho{rho:g}" for rho in (1.0, 10.0)},
+        **{rho: f"RING-default-rho{rho:g}" for rho in (1.0, 10.0, 30.0, 100.0)},
     },
 }
 #: RENG's finite-difference route at ρ = 0.1, against the same twin.
