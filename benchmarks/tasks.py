@@ -173,6 +173,20 @@ def _imdb(profile: str, budget: Budget):
     return dm.train_set, dm.val_set, dm.test_set, dm.vocab_size
 
 
+#: The 5k-subset tasks (the generalization task and the GR study's noisy ones): 5k training
+#: images / 128 = 39 steps per epoch, 30 epochs (the sweep: 10).
+SMALL_BUDGETS = {
+    "full": Budget(steps=1170, sweep_steps=390, evals=6, subset=5000),
+    "quick": Budget(steps=80, sweep_steps=0, evals=2, subset=1000),
+    "tiny": Budget(steps=6, sweep_steps=4, evals=2),
+}
+
+
+def _cnn(classes: int) -> nn.Module:
+    """The Fashion-MNIST CNN of every image task."""
+    return ImageClassifier(classes, width=16, hidden=64).net
+
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
@@ -187,7 +201,7 @@ TASKS: dict[str, Task] = {
                 "quick": Budget(steps=60, sweep_steps=0, evals=2, subset=5000),
                 "tiny": Budget(steps=6, sweep_steps=4, evals=2),
             },
-            model=lambda classes: ImageClassifier(classes, width=16, hidden=64).net,
+            model=_cnn,
             load=_fashion_mnist,
             description="CNN conv 1→16→32 (3×3, max-pool), fc 288→64→10 (≈25k parameters); "
             "55k train / 5k validation (seeded split of the 60k) / official 10k test",
@@ -197,13 +211,8 @@ TASKS: dict[str, Task] = {
             title="Fashion-MNIST 5k subset, trained to fit (generalization)",
             metric="accuracy",
             batch_size=128,
-            # 5k training images / 128 = 39 steps per epoch: 30 epochs (the sweep: 10).
-            budgets={
-                "full": Budget(steps=1170, sweep_steps=390, evals=6, subset=5000),
-                "quick": Budget(steps=80, sweep_steps=0, evals=2, subset=1000),
-                "tiny": Budget(steps=6, sweep_steps=4, evals=2),
-            },
-            model=lambda classes: ImageClassifier(classes, width=16, hidden=64).net,
+            budgets=SMALL_BUDGETS,
+            model=_cnn,
             load=_fashion_mnist,
             description="the Fashion-MNIST CNN on a seeded 5k-image training subset, 30 epochs "
             "(train accuracy near 100 %); same 5k validation / official 10k test",
@@ -216,12 +225,8 @@ TASKS: dict[str, Task] = {
                 "trained to fit (GR study)",
                 metric="accuracy",
                 batch_size=128,
-                budgets={
-                    "full": Budget(steps=1170, sweep_steps=390, evals=6, subset=5000),
-                    "quick": Budget(steps=80, sweep_steps=0, evals=2, subset=1000),
-                    "tiny": Budget(steps=6, sweep_steps=4, evals=2),
-                },
-                model=lambda classes: ImageClassifier(classes, width=16, hidden=64).net,
+                budgets=SMALL_BUDGETS,
+                model=_cnn,
                 load=_noisy_fashion_mnist(rate),
                 description="the 5k-subset CNN task with a seeded share of the training and "
                 "validation labels replaced by another class (uniformly); clean 10k test set",

@@ -443,11 +443,8 @@ def _transposed(Q: Tensor | None) -> Tensor | None:
 def _overlap_squares(basis: tuple[Tensor | None, Tensor | None]) -> Tensor | None:
     """``(P∘P)ᵀ`` with ``P = Q_newᵀ Q_old`` for a side whose basis changed; None when there is
     nothing to carry (no old basis, a diagonal side, or a change of shape)."""
-    old, new = basis
-    if old is None or new is None or old.shape != new.shape:
-        return None
-    P = new.transpose(-1, -2) @ old.to(new.dtype)
-    return (P * P).transpose(-1, -2)
+    change = _change_of_basis(basis)  # Q_oldᵀ Q_new = Pᵀ
+    return None if change is None else change * change
 
 
 def carry_moment(
