@@ -96,7 +96,8 @@ def train(job: Job) -> tuple[dict[str, object], list[dict[str, object]]]:
     base_lrs = [group["lr"] for group in opt.param_groups]
     loader = DataLoader(
         train_set,
-        batch_size=task.batch_size,
+        # The tiny profile's generated sets can be smaller than a large-batch task's batch.
+        batch_size=min(task.batch_size, len(train_set)),
         shuffle=True,
         drop_last=True,
         generator=torch.Generator().manual_seed(job.seed),

@@ -454,6 +454,15 @@ DEFAULTS: tuple[OptimizerSpec, ...] = (
 #: The GR study (issue 21): the defaults with ρ on a grid at the same lr (ρ = 0: the twins
 #: above), RENG's finite-difference route, and SAM around AdamW at two radii (SAM's quality
 #: knob), all at equal backward passes per step (two).
+#: Where ρ enters (issue 21, item 3): (optimizer, argument, value, short name, ρ grid); each
+#: setting runs at its optimizer's default's lr, against the same ρ = 0 twin.
+PLACEMENTS = (
+    (lg.RING, "gr_form", "isotropic", "iso", (3.0, 10.0, 30.0)),
+    (lg.RING, "gr_form", "unsquared", "unsq", (3.0, 10.0, 30.0)),
+    (lg.RING, "gr_form", "preconditioned", "prec", (3.0, 10.0, 30.0)),
+    (lg.RENG, "gr_norm", "unsquared", "unsq", (0.3, 1.0, 3.0)),
+)
+
 GR_STUDY: tuple[OptimizerSpec, ...] = (
     _variant(
         "SAM-AdamW",
@@ -481,6 +490,18 @@ GR_STUDY: tuple[OptimizerSpec, ...] = (
             lambda m, lr, cls=cls, rho=rho: cls(m.parameters(), lr=lr, rho=rho),
         )
         for cls, rhos in ((lg.RENG, (1.0, 3.0, 10.0)), (lg.RING, (1.0, 10.0, 30.0, 100.0)))
+        for rho in rhos
+    ),
+    *(
+        _gr_twin(
+            f"{cls.__name__}-default-{short}-rho{rho:g}",
+            f"{cls.__name__}-default",
+            f"{cls.__name__}-default with {arg}={value!r}, rho = {rho:g}",
+            lambda m, lr, cls=cls, rho=rho, arg=arg, value=value: cls(
+                m.parameters(), lr=lr, rho=rho, **{arg: value}
+            ),
+        )
+        for cls, arg, value, short, rhos in PLACEMENTS
         for rho in rhos
     ),
 )

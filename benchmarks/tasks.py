@@ -182,6 +182,15 @@ SMALL_BUDGETS = {
 }
 
 
+#: The large-batch regime of the GR study: the 5k task at 8× its batch (1024), same 30 epochs,
+#: so 8× fewer steps (4 per epoch with the last partial batch dropped, as every task does).
+LARGE_BATCH_BUDGETS = {
+    "full": Budget(steps=146, sweep_steps=49, evals=6, subset=5000),
+    "quick": Budget(steps=10, sweep_steps=0, evals=2, subset=1000),
+    "tiny": Budget(steps=4, sweep_steps=2, evals=2),
+}
+
+
 def _cnn(classes: int) -> nn.Module:
     """The Fashion-MNIST CNN of every image task."""
     return ImageClassifier(classes, width=16, hidden=64).net
@@ -234,6 +243,19 @@ TASKS: dict[str, Task] = {
                 in_benchmark=False,
             )
             for rate in (0.2, 0.4)
+        ),
+        Task(
+            name="fashion_mnist_large_batch",
+            title="Fashion-MNIST 5k, batch 1024 (8×), trained to fit (GR study)",
+            metric="accuracy",
+            batch_size=1024,
+            budgets=LARGE_BATCH_BUDGETS,
+            model=_cnn,
+            load=_fashion_mnist,
+            description="the 5k-subset CNN task at 8× its batch for the same 30 epochs "
+            "(146 steps); clean labels",
+            generalization=True,
+            in_benchmark=False,
         ),
         Task(
             name="shakespeare",

@@ -426,3 +426,77 @@ def test_gr_study_effect_is_the_paired_difference_over_common_seeds():
 
     mean, std, n = paired({0: 80.0, 1: 82.0, 2: 81.0}, {0: 79.0, 1: 80.0, 3: 50.0})
     assert (mean, n) == (1.5, 2) and std == pytest.approx(0.7071, rel=1e-3)
+
+
+def _sweep_row(lr: float, test: float, diverged: bool = False) -> dict:
+    return dict(phase="sweep", lr=lr, final_test=test, final_val=test, diverged=diverged)
+
+
+def test_lr_robustness_width_is_the_contiguous_range_within_tolerance_of_the_best():
+    from benchmarks.lr_robustness import lr_range
+
+    rows = [
+        _sweep_row(0.001, 0.80),
+        _sweep_row(0.003, 0.846),  # within 0.5 points of 0.85
+        _sweep_row(0.01, 0.85),
+        _sweep_row(0.03, 0.849),
+        _sweep_row(0.1, 0.70),
+        _sweep_row(0.3, 0.849, diverged=True),  # failed: never inside the range
+    ]
+    found = lr_range(rows, higher=True, tolerance=0.005)
+    assert (found["best_lr"], found["lo"], found["hi"]) == (0.01, 0.003, 0.03)
+    assert found["width"] == pytest.approx(1.0)
+    assert not found["open_lo"] and not found["open_hi"]
+    # Loss: lower is better; the best on the lowest lr leaves the range open there.
+    loss = lr_range(
+        [_sweep_row(0.01, 1.80), _sweep_row(0.03, 1.81), _sweep_row(0.1, 1.9)], False, 0.02
+    )
+    assert (loss["best_lr"], loss["hi"], loss["open_lo"]) == (0.01, 0.03, True)
+    assert lr_range([_sweep_row(0.01, 0.1, diverged=True)], True, 0.005) is None
+
+
+def test_lr_robustness_grows_the_grid_where_the_range_reaches_an_edge():
+    from benchmarks import lr_robustness
+    from benchmarks.optimizers import EIGEN_GRID
+
+    task, name = "fashion_mnist_small", "RING-default"
+    inside = [dict(_sweep_row(lr, 0.80), task=task, optimizer=name) for lr in EIGEN_GRID]
+    inside[1]["final_test"] = 0.85  # interior best, neighbours far below: nothing to add
+    assert lr_range_extensions(lr_robustness, inside, task, name) == []
+    edge = [dict(r, final_test=0.85 - 0.001 * i) for i, r in enumerate(inside)]  # all within
+    more = lr_range_extensions(lr_robustness, edge, task, name)
+    assert sorted(lr for *_, lr in more) == [0.001, 0.3]  # one ×3 step beyond both edges
+    # At most MAX_EXTENSIONS steps per side.
+    far = edge + [
+        dict(_sweep_row(lr, 0.85), task=task, optimizer=name) for lr in (1e-3, 3e-4, 1e-4)
+    ]
+    assert sorted(lr for *_, lr in lr_range_extensions(lr_robustness, far, task, name)) == [0.3]
+
+
+def lr_range_extensions(module, rows, task, name):
+    return module._extensions(rows, [(task, name)])
+
+
+def test_gr_study_regimes_name_known_optimizers_once_each():
+    from benchmarks.gr_study import REGIMES, ROUTES
+    from benchmarks.optimizers import BY_NAME
+    from benchmarks.tasks import TASKS
+
+    for regime, names in REGIMES.items():
+        assert (
+            regime in TASKS and not TASKS[regime].in_benchmark
+        ) or regime == "fashion_mnist_small"
+        assert len(set(names)) == len(names) and set(names) <= set(BY_NAME)
+    for names in ROUTES.values():
+        assert set(names.values()) <= set(BY_NAME) and BY_NAME[names[0.0]].twin_of
+
+
+def test_large_batch_task_is_the_small_task_at_eight_times_the_batch():
+    from benchmarks.tasks import TASKS
+
+    small, large = TASKS["fashion_mnist_small"], TASKS["fashion_mnist_large_batch"]
+    assert large.batch_size == 8 * small.batch_size
+    epochs = [
+        t.budgets["full"].steps * t.batch_size / t.budgets["full"].subset for t in (small, large)
+    ]
+    assert epochs[1] == pytest.approx(epochs[0], rel=0.02)  # same epochs, 8× fewer steps

@@ -58,10 +58,23 @@ def _train(opt_factory, model: nn.Module, batches, scale: float = 1.0):
     return opt
 
 
-def _dense_eigen_steps(A, G, grads, lr, beta2, damping, power, rho=0.0):
+def _dense_gr(d: Tensor, r: Tensor, rho: float, form: str) -> Tensor:
+    """RING's GR term written from its definition (docs/algorithms.md §8.3) on the flat
+    rotated gradient ``r`` of one block: ``ρ·s·S``."""
+    if form == "isotropic":  # trace of ρ r rᵀ spread evenly
+        return torch.full_like(r, rho * float(r @ r) / r.numel())
+    if form == "unsquared":  # ρ r∘r / ‖r‖ times the block's running scale √(n·mean d)
+        return rho * r * r * (r.numel() * d.mean()).sqrt() / r.norm()
+    if form == "preconditioned":  # Rayleigh quotient of diag(d)^-½ along r, × √mean d
+        weighted = (r * r / d.clamp_min(torch.finfo(d.dtype).tiny).sqrt()).sum()  # 0 where r = 0
+        return rho * r * r * float(weighted) / float(r @ r) * d.mean().sqrt()
+    return rho * r * r
+
+
+def _dense_eigen_steps(A, G, grads, lr, beta2, damping, power, rho=0.0, form="diagonal"):
     """The eigen mode's updates with explicit Kronecker products: ``Q = Q_A ⊗ Q_G``,
     ``r = Qᵀ vec(V)``, ``d`` the bias-corrected EMA of ``r²``,
-    ``u = Q (d + λ·mean(d) + ρr²)^-p r``."""
+    ``u = Q (d + λ·mean(d) + GR)^-p r`` (GR: :func:`_dense_gr`)."""
     _, QA = torch.linalg.eigh(A)
     _, QG = torch.linalg.eigh(G)
     Q = torch.kron(QA, QG)
@@ -71,7 +84,7 @@ def _dense_eigen_steps(A, G, grads, lr, beta2, damping, power, rho=0.0):
         r = Q.T @ vec(V)
         m = beta2 * m + (1 - beta2) * r * r
         d = m / (1 - beta2**t)
-        curvature = d + damping * d.mean() + rho * r * r
+        curvature = d + damping * d.mean() + _dense_gr(d, r, rho, form)
         steps.append(-lr * unvec(Q @ (r * curvature ** (-power)), *V.shape))
     return steps
 
@@ -81,15 +94,26 @@ def _weights(model: nn.Module) -> Tensor:
     return torch.cat([lin.weight.detach(), lin.bias.detach()[:, None]], 1)
 
 
-@pytest.mark.parametrize("power", [0.5, 1.0])
-@pytest.mark.parametrize("name", ["KFAC", "RING"])
-def test_eigen_step_matches_dense_kronecker_reference(name, power):
+@pytest.mark.parametrize(
+    "name,power,form",
+    [
+        ("KFAC", 0.5, "diagonal"),
+        ("KFAC", 1.0, "diagonal"),
+        ("RING", 0.5, "diagonal"),
+        ("RING", 1.0, "diagonal"),
+        ("RING", 0.5, "isotropic"),
+        ("RING", 0.5, "unsquared"),
+        ("RING", 0.5, "preconditioned"),
+    ],
+)
+def test_eigen_step_matches_dense_kronecker_reference(name, power, form):
     """Basis fixed after the first refresh (inverse_every large): every step equals the dense
-    ``Q (D + γ + ρ r²)^-p Qᵀ g`` with Q = Q_A ⊗ Q_G from the step-0 factors."""
+    ``Q (D + γ + GR)^-p Qᵀ g`` with Q = Q_A ⊗ Q_G from the step-0 factors, for each of RING's
+    GR placements (``gr_form``)."""
     rho = 0.3 if name == "RING" else 0.0
     kw = dict(EIGEN, lr=0.05, damping=1e-2, beta2=0.9, power=power, inverse_every=1000)
     if name == "RING":
-        kw["rho"] = rho
+        kw |= dict(rho=rho, gr_form=form)
     model = _one_layer()
     record: list = []
     batches = _batches(5)
@@ -106,7 +130,7 @@ def test_eigen_step_matches_dense_kronecker_reference(name, power):
             f = opt.factors("0")
             A0, G0 = f.A[0].clone(), f.G[0].clone()
         before.append(_weights(model))
-    dense = _dense_eigen_steps(A0, G0, record, 0.05, 0.9, 1e-2, power, rho)
+    dense = _dense_eigen_steps(A0, G0, record, 0.05, 0.9, 1e-2, power, rho, form)
     for t, step in enumerate(dense):
         torch.testing.assert_close(before[t + 1] - before[t], step, rtol=1e-9, atol=1e-12)
 
@@ -220,11 +244,13 @@ def test_basis_change_moves_the_step_by_at_most_the_dropped_off_diagonal():
     assert sizes[1] < sizes[0] / 5  # shrinks with the rotation: continuous
 
 
-def test_eigen_step_is_invariant_to_the_loss_scale():
+@pytest.mark.parametrize("form", ["diagonal", "isotropic", "unsquared", "preconditioned"])
+def test_eigen_step_is_invariant_to_the_loss_scale(form):
     """Power ½ with relative damping: loss × c leaves every step unchanged at the same lr
-    (D scales by c², the rotated gradient by c)."""
+    (D scales by c², the rotated gradient by c), for every GR placement: each is made
+    dimensionless (ρ needs no retuning when the loss is rescaled)."""
     batches = _batches(6)
-    kw = dict(EIGEN, lr=0.05, momentum=0.9, inverse_every=2)
+    kw = dict(EIGEN, lr=0.05, momentum=0.9, inverse_every=2, gr_form=form)
     a, b = _one_layer(), _one_layer()
     _train(lambda p: lg.RING(p, rho=0.5, **kw), a, batches)
     _train(lambda p: lg.RING(p, rho=0.5, **kw), b, batches, scale=1000.0)

@@ -112,8 +112,9 @@ def test_ring_equals_dense_adaptive_damping(rho):
         )
 
 
-def _reference_regularized_gradient(model, x, y, rho):
-    """g + ρ·Hg with an independent forward-over-reverse Hessian-vector product."""
+def _reference_regularized_gradient(model, x, y, rho, gr_norm="squared"):
+    """g + ρ·Hg (the squared penalty) or g + ρ·Hg/‖g‖ (the unsquared one, ‖g‖ over every
+    parameter), with an independent forward-over-reverse Hessian-vector product."""
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def loss_fn(p):
@@ -121,18 +122,31 @@ def _reference_regularized_gradient(model, x, y, rho):
 
     g = grad(loss_fn)(params)
     _, hg = jvp(grad(loss_fn), (params,), (g,))
-    return {k: g[k] + rho * hg[k] for k in params}
+    scale = 1.0
+    if gr_norm == "unsquared":
+        scale = 1.0 / float(sum(t.pow(2).sum() for t in g.values()).sqrt())
+    return {k: g[k] + rho * scale * hg[k] for k in params}
 
 
+@pytest.mark.parametrize("gr_norm", ["squared", "unsquared"])
 @pytest.mark.parametrize("gr_mode,tol", [("double_backprop", 1e-9), ("finite_difference", 1e-5)])
-def test_reng_step_equals_dense_preconditioned_regularized_gradient(gr_mode, tol):
-    """Property 3 (with 1): RENG's step is (A⊗G + λI)⁻¹ (g + ρHg), Hg from torch.func."""
+def test_reng_step_equals_dense_preconditioned_regularized_gradient(gr_mode, tol, gr_norm):
+    """Property 3 (with 1): RENG's step is (A⊗G + λI)⁻¹ (g + ρHg), Hg from torch.func; with
+    ``gr_norm="unsquared"`` (the penalty ρ‖∇ℓ‖) it is (A⊗G + λI)⁻¹ (g + ρHg/‖g‖)."""
     lam, rho = 0.2, 0.7
     model = mlp()
-    opt = RENG_K(model.parameters(), damping=lam, rho=rho, gr_mode=gr_mode, fd_eps=1e-7, **EXACT)
+    opt = RENG_K(
+        model.parameters(),
+        damping=lam,
+        rho=rho,
+        gr_mode=gr_mode,
+        fd_eps=1e-7,
+        gr_norm=gr_norm,
+        **EXACT,
+    )
     x, y = classification_batch()
     _, refs = sequential_reference(model, x, y)
-    reg = _reference_regularized_gradient(model, x, y, rho)  # before attach: no hooks fire
+    reg = _reference_regularized_gradient(model, x, y, rho, gr_norm)  # before attach: no hooks
     lg.attach(model, opt)
     before = layer_matrices(model)
     if gr_mode == "double_backprop":
@@ -210,13 +224,15 @@ def test_double_backward_does_not_leak_into_curvature():
         torch.testing.assert_close(A1[0], A, rtol=1e-12, atol=1e-14)
 
 
-def test_regularized_backward_equals_create_graph_path():
-    """The strategy path (autograd.grad + one backward) equals backward(create_graph=True)."""
+@pytest.mark.parametrize("gr_norm", ["squared", "unsquared"])
+def test_regularized_backward_equals_create_graph_path(gr_norm):
+    """The strategy path (autograd.grad + one backward) equals backward(create_graph=True),
+    for either penalty (the unsquared one scales the penalty by 1/‖g‖ in both)."""
     x, y = classification_batch()
     finals = []
     for use_helper in (False, True):
         model = mlp()
-        opt = RENG_K(model.parameters(), rho=0.5, **EXACT)
+        opt = RENG_K(model.parameters(), rho=0.5, gr_norm=gr_norm, **EXACT)
         lg.attach(model, opt)
         for _ in range(3):
             opt.zero_grad()

@@ -88,6 +88,9 @@ DESCRIPTIONS: dict[str, str] = {
     "lightning_grng.regularized_backward or GRNGStrategy) or 'finite_difference' (one extra "
     "forward/backward on the same batch; needs step(closure)).",
     "fd_eps": "finite-difference step length eps*|g| (> 0).",
+    "gr_norm": "which norm the penalty takes: 'squared' (rho/2 |grad l|^2, the paper's: "
+    "g + rho*H g) or 'unsquared' (rho |grad l|, Zhao et al. 2022: g + rho*H g/|g|, rho a "
+    "length in parameter space like SAM's radius, the step invariant to the loss scale).",
 }
 
 

@@ -33,6 +33,26 @@ class DampingMode(str, Enum):
     ABSOLUTE = "absolute"
 
 
+class GRForm(str, Enum):
+    """How RING's GR curvature ``ρ g gᵀ`` enters the eigen mode (``docs/algorithms.md`` §8.3).
+
+    Each form is ``ρ·s_b·S`` per block: a shape S in the eigenbasis and a scalar s_b that says
+    which gradient norm the penalty measures."""
+
+    #: S = R∘R, the exact diagonal of ``ρ g gᵀ`` in the eigenbasis; s = 1 (the raw squared norm).
+    DIAGONAL = "diagonal"
+    #: S = mean(R∘R)·1, the trace-matched isotropic term: the paper's majorizer ``ρ‖g‖² I``
+    #: made relative, as the kfac mode places it (§3).
+    ISOTROPIC = "isotropic"
+    #: S = R∘R, s = √(mean D / mean R∘R): the unsquared norm ρ‖∇ℓ‖ (Zhao et al. 2022), whose
+    #: curvature is ``ρ g gᵀ/‖g‖``, made dimensionless by the block's running gradient scale.
+    UNSQUARED = "unsquared"
+    #: S = R∘R, s = Σ(R²/√D)/ΣR² · √mean D: the penalty on the preconditioned norm gᵀPg with
+    #: Adam's metric P = D^(−½), whose GN curvature is ``ρ (gᵀPg/gᵀg) g gᵀ`` (the Rayleigh
+    #: quotient of P along g), normalized by its value for an isotropic D.
+    PRECONDITIONED = "preconditioned"
+
+
 @dataclass(frozen=True)
 class DampingArgs:
     """What the rule reads for one block at one step.
@@ -54,6 +74,7 @@ class DampingArgs:
     mode: DampingMode
     block_grad_sq: Callable[[], Tensor]
     total_grad_sq: Tensor | float
+    gr_form: GRForm = GRForm.DIAGONAL
 
 
 def kronecker_damping(mean_eigenvalue: Tensor, size: int, args: DampingArgs) -> tuple[Any, Tensor]:
@@ -86,14 +107,32 @@ def eigen_curvature(D: Tensor, R: Tensor, args: DampingArgs) -> tuple[Tensor, Te
     ``(groups, n_out, n_in)``). γ is ``λ·boost·mean(D)`` (relative) or ``λ·boost``
     (absolute). ``ρ R∘R`` is the exact diagonal of the GR curvature ``ρ g gᵀ`` in the
     eigenbasis, the projection the mode applies to the Fisher itself (§8.3); ρ is dimensionless.
-    Clamped at the smallest normal number, so its negative power is finite.
+    ``args.gr_form`` selects another placement (:class:`GRForm`). Clamped at the smallest
+    normal number, so its negative power is finite.
     """
     ratio = torch.full((D.shape[0],), args.damping * args.boost, dtype=D.dtype, device=D.device)
     relative = args.mode is DampingMode.RELATIVE
-    gamma = ratio * D.mean(dim=(-2, -1)) if relative else ratio
-    gr = args.rho * (R * R) if args.rho > 0.0 else 0.0
-    curvature = D + gamma[:, None, None] + gr
+    mean_D = D.mean(dim=(-2, -1), keepdim=True)
+    gamma = ratio[:, None, None] * mean_D if relative else ratio[:, None, None]
+    gr = gr_curvature(D, R, mean_D, args.rho, args.gr_form) if args.rho > 0.0 else 0.0
+    curvature = D + gamma + gr
     return curvature.clamp_min(torch.finfo(curvature.dtype).tiny), ratio
+
+
+def gr_curvature(D: Tensor, R: Tensor, mean_D: Tensor, rho: float, form: GRForm) -> Tensor:
+    """RING's GR term ``ρ·s_b·S`` in the eigenbasis, per :class:`GRForm` (§8.3)."""
+    tiny = torch.finfo(D.dtype).tiny
+    square = R * R
+    if form is GRForm.DIAGONAL:
+        return rho * square
+    mean_sq = square.mean(dim=(-2, -1), keepdim=True)
+    if form is GRForm.ISOTROPIC:
+        return (rho * mean_sq).expand_as(D)
+    if form is GRForm.UNSQUARED:
+        return rho * square * (mean_D / mean_sq.clamp_min(tiny)).sqrt()
+    weighted = (square * D.clamp_min(tiny).rsqrt()).sum(dim=(-2, -1), keepdim=True)
+    quotient = weighted / square.sum(dim=(-2, -1), keepdim=True).clamp_min(tiny)
+    return rho * square * quotient * mean_D.sqrt()
 
 
 class RhoMode(str, Enum):

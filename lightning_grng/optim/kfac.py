@@ -18,7 +18,7 @@ from lightning_grng.curvature.inverse import working_dtype
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
 from lightning_grng.optim.arguments import documented, hyperparameters
 from lightning_grng.optim.base import GRNGOptimizer, ParamsT, StepGradients
-from lightning_grng.optim.damping import DampingArgs, DampingMode
+from lightning_grng.optim.damping import DampingArgs, DampingMode, GRForm
 from lightning_grng.optim.routes import (
     SOURCE_DEFAULTS,
     BasisRefresh,
@@ -69,6 +69,8 @@ class KFAC(GRNGOptimizer):
     kfac_inverse: ClassVar[InverseMethod] = InverseMethod.EIGH
     #: Whether ρ enters the damping (RING); KFAC has no ρ, RENG's enters its gradient.
     gr_as_damping: ClassVar[bool] = False
+    #: Where RING's GR curvature enters the eigen mode (``optim/damping.py``); KFAC has none.
+    gr_form: GRForm = GRForm.DIAGONAL
 
     def __init__(
         self,
@@ -446,6 +448,7 @@ class KFAC(GRNGOptimizer):
             mode=self.damping_mode,
             block_grad_sq=lambda: grads.block_sq(block),
             total_grad_sq=grads.sq,
+            gr_form=self.gr_form,
         )
 
     def _precondition_block(

@@ -21,6 +21,16 @@ from lightning_grng.optim.validation import check_choice, check_range
 Average = Callable[[list[Tensor]], list[Tensor]]
 
 
+class GRNorm(str, Enum):
+    """Which gradient norm RENG penalizes (``docs/algorithms.md`` §4)."""
+
+    #: ρ/2‖∇ℓ‖² (the paper's): the extra gradient is ρHg; ρ has units of parameters² per loss.
+    SQUARED = "squared"
+    #: ρ‖∇ℓ‖ (Zhao et al. 2022): ρHg/‖g‖; ρ is a length in parameter space, like SAM's radius,
+    #: and the step is invariant to the loss scale.
+    UNSQUARED = "unsquared"
+
+
 class GRMode(str, Enum):
     """How RENG forms ``Hg``."""
 
@@ -43,6 +53,9 @@ class RENG(KFAC):
       one extra forward/backward on the same batch and no double backward (works with
       BatchNorm and kernels without a double backward). Needs step(closure); buffers such as
       BatchNorm running statistics are restored after the extra pass.
+    * gr_norm='unsquared' penalizes rho*|grad l| instead (Zhao et al. 2022): the extra gradient
+      is rho*H g/|g| (|g| the global norm), and with finite differences it is Zhao's
+      (grad l(theta + fd_eps*g/|g|) - g)*rho/fd_eps.
     """
 
     group_ranges: ClassVar[dict[str, tuple[float, float | None, bool, bool]]] = {
@@ -80,6 +93,7 @@ class RENG(KFAC):
         stagger_first: int | None = None,
         max_factor: int | None = None,
         split_conv: int | None = None,
+        gr_norm: str = "squared",
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 
@@ -87,6 +101,7 @@ class RENG(KFAC):
         name = type(self).__name__
         self.gr_mode = check_choice(name, "gr_mode", hp.pop("gr_mode"), GRMode)
         self.fd_eps = check_range(name, "fd_eps", hp.pop("fd_eps"), 0.0, low_open=True)
+        self.gr_norm = check_choice(name, "gr_norm", hp.pop("gr_norm"), GRNorm)
         rho = hp.pop("rho")
         super()._configure(params, hp)
         self._add_group_default("rho", self._check_group_value("rho", rho))
@@ -139,16 +154,18 @@ class RENG(KFAC):
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         if average is None:
             used = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
-            self._record_plain_grad_norm([g.detach() / loss_scale for _, g in used])
-            return sum(0.5 / loss_scale * rho_of[p] * g.pow(2).sum() for p, g in used)  # type: ignore[return-value]
+            scale = self._norm_scale(
+                self._record_plain_grad_norm([g.detach() / loss_scale for _, g in used])
+            )
+            return sum(0.5 / loss_scale * rho_of[p] * scale * g.pow(2).sum() for p, g in used)  # type: ignore[return-value]
         local = [
             torch.zeros_like(p) if g is None else g.detach()
             for p, g in zip(params, grads, strict=True)
         ]
         mean = average(local)
-        self._record_plain_grad_norm([g / loss_scale for g in mean])
+        scale = self._norm_scale(self._record_plain_grad_norm([g / loss_scale for g in mean]))
         return sum(  # type: ignore[return-value]
-            (rho_of[p] / loss_scale) * (g * m).sum()
+            (rho_of[p] * scale / loss_scale) * (g * m).sum()
             for p, g, m in zip(params, grads, mean, strict=True)
             if g is not None
         )
@@ -199,7 +216,7 @@ class RENG(KFAC):
                 "Lightning use `strategy=GRNGStrategy()`; or choose "
                 "gr_mode='finite_difference' and pass a closure to `step()`."
             )
-        self._record_plain_grad_norm(grads)
+        scale = self._norm_scale(self._record_plain_grad_norm(grads))
         if not graph or not self.regularizes:
             for p in params:
                 p.grad = p.grad.detach()
@@ -215,7 +232,7 @@ class RENG(KFAC):
             p.grad = p.grad.detach()  # frees the double-backward graph (and its ref cycle)
             g = p.grad
             if p in hvp_of:
-                g = g + rho_of[p] * hvp_of[p]
+                g = g + rho_of[p] * scale * hvp_of[p]
             out[p] = g
         return loss, out
 
@@ -254,10 +271,19 @@ class RENG(KFAC):
             for b, saved in zip(model.buffers(), buffers, strict=True):
                 b.copy_(saved)
         rho_of = self._rho_of()
+        # Unsquared: ρHg/‖g‖ ≈ (ρ/fd_eps)(∇ℓ(θ + fd_eps·ĝ) − g), Zhao et al.'s form.
+        quotient = eps * norm if self.gr_norm is GRNorm.UNSQUARED else eps
         return loss, {
-            p: g + (rho_of[p] / eps) * (s - g)
+            p: g + (rho_of[p] / quotient) * (s - g)
             for p, g, s in zip(params, grads, shifted, strict=True)
         }
+
+    def _norm_scale(self, grad_sq: Tensor) -> Tensor | float:
+        """The factor on ``ρHg``: 1 for the squared penalty, ``1/‖g‖`` for the unsquared one
+        (the gradient of ρ‖∇ℓ‖ is ρHg/‖g‖); on the device, no read-back."""
+        if self.gr_norm is GRNorm.SQUARED:
+            return 1.0
+        return grad_sq.clamp_min(torch.finfo(grad_sq.dtype).tiny).rsqrt()
 
     def _record_plain_grad_norm(self, grads: list[Tensor]) -> Tensor:
         """‖g‖² of the plain gradient, kept on the device (reported as ``grad_norm``)."""

@@ -9,7 +9,10 @@ from typing import Any, ClassVar
 from lightning_grng.curvature.kronecker import InverseMethod
 from lightning_grng.optim.arguments import documented, hyperparameters
 from lightning_grng.optim.base import GROUP_RANGES, RHO_RANGE, ParamsT
+from lightning_grng.optim.damping import GRForm
 from lightning_grng.optim.kfac import KFAC
+from lightning_grng.optim.routes import Preconditioner
+from lightning_grng.optim.validation import check_choice
 
 
 @documented
@@ -43,6 +46,11 @@ class RING(KFAC):
         "Newton-Schulz inverses, the adaptive damping refreshed with them every inverse_every "
         "steps) or 'eigh' (the exact adaptive damping every step). The eigen mode needs "
         "'eigh'. None: 'eigh' in the eigen mode, 'newton' in the kfac mode.",
+        "gr_form": "where the GR curvature rho g g^T enters the eigen mode (docs/algorithms.md "
+        "section 8.3): 'diagonal' (rho R*R, its exact diagonal in the eigenbasis: the raw "
+        "squared norm), 'isotropic' (rho mean(R*R): the paper's majorizer made relative), "
+        "'unsquared' (the penalty rho |grad l|, Zhao et al. 2022) or 'preconditioned' (the "
+        "penalty on Adam's preconditioned norm). The kfac mode's placement is fixed (section 3).",
     }
 
     def __init__(
@@ -73,12 +81,22 @@ class RING(KFAC):
         stagger_first: int | None = None,
         max_factor: int | None = None,
         split_conv: int | None = None,
+        gr_form: str = "diagonal",
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 
     def _configure(self, params: ParamsT, hp: dict[str, Any]) -> None:
         rho = hp.pop("rho")
+        gr_form = check_choice("RING", "gr_form", hp.pop("gr_form"), GRForm)
         super()._configure(params, hp)
+        if gr_form is not GRForm.DIAGONAL and self.preconditioner is not Preconditioner.EIGEN:
+            raise ValueError(
+                f"RING: gr_form={gr_form.value!r} places the GR curvature in the eigen mode's "
+                "basis; the kfac mode's placement is fixed (the trace-matched isotropic term, "
+                "docs/algorithms.md section 3). Use preconditioner='eigen', or leave gr_form at "
+                "'diagonal'."
+            )
+        self.gr_form = gr_form
         rho = self.route.ring_rho if rho is None else rho
         self._add_group_default("rho", self._check_group_value("rho", rho))
         for group in self.param_groups:
