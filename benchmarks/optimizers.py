@@ -57,11 +57,13 @@ class Optimizer:
         self.inner = opt.primary if isinstance(opt, _Composite) else opt
         self.grng = isinstance(opt, lg.GRNGOptimizer)
         self.sam = type(opt).__name__ == "SAM"
-        if self.grng:
+        # SAM around a GRNG optimizer (the GR study's SAM-KFAC): its base needs the hooks.
+        attached = opt if self.grng else getattr(opt, "base_optimizer", None)
+        if isinstance(attached, lg.GRNGOptimizer):
             with warnings.catch_warnings():
                 # Embeddings/LayerNorms get the documented fallback update; no need to say so.
                 warnings.simplefilter("ignore")
-                lg.attach(model, opt)
+                lg.attach(model, attached)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     @property
@@ -411,6 +413,14 @@ def _sam_adamw(model: nn.Module, lr: float, radius: float) -> torch.optim.Optimi
     return SAM(model.parameters(), base_optimizer=torch.optim.AdamW, rho=radius, lr=lr)
 
 
+def _sam_kfac(model: nn.Module, lr: float, radius: float) -> torch.optim.Optimizer:
+    """SAM (pytorch-optimizer's) around KFAC at the library's defaults: the eigen step of the
+    gradient at the perturbed weights, two passes per step as RENG's double backprop."""
+    from pytorch_optimizer import SAM
+
+    return SAM(model.parameters(), base_optimizer=lg.KFAC, rho=radius, lr=lr)
+
+
 def _gr_twin(name: str, base: str, what: str, build: Build) -> OptimizerSpec:
     """A GR-study variant run at ``base``'s chosen lr (no sweep of its own): the paired
     difference over seeds against ``base`` and its ρ = 0 twin is the effect of the change."""
@@ -475,6 +485,16 @@ GR_STUDY: tuple[OptimizerSpec, ...] = (
         lambda m, lr: _sam_adamw(m, lr, 0.2),
         (3e-4, 1e-3, 3e-3, 1e-2),
         "pytorch-optimizer SAM around torch AdamW, radius 0.2; two passes per step",
+    ),
+    *(
+        _variant(
+            name,
+            lambda m, lr, radius=radius: _sam_kfac(m, lr, radius),
+            EIGEN_GRID,
+            f"pytorch-optimizer SAM around lightning_grng KFAC at its defaults, radius "
+            f"{radius:g}; two passes per step (the same base preconditioner as RENG's)",
+        )
+        for name, radius in (("SAM-KFAC", 0.05), ("SAM-KFAC-r0.2", 0.2))
     ),
     _gr_twin(
         "RENG-default-fd",

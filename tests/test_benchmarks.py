@@ -345,10 +345,13 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     assert {p.ndim for p in muon} == {4, 2} and all(p is not cnn[-1].weight for p in muon)
 
 
-def test_sam_takes_two_gradients_per_step_on_the_same_batch():
+@pytest.mark.parametrize("name", ["SAM", "SAM-KFAC"])
+def test_sam_takes_two_gradients_per_step_on_the_same_batch(name):
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    opt = BY_NAME["SAM"].make(model, 0.1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    opt = BY_NAME[name].make(model, 0.1)
+    if name == "SAM-KFAC":  # the base KFAC is attached: its block preconditions the step
+        assert opt.opt.base_optimizer.attached and "0" in opt.opt.base_optimizer.blocks
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     calls = []
 
@@ -356,10 +359,10 @@ def test_sam_takes_two_gradients_per_step_on_the_same_batch():
         calls.append(1)
         return torch.nn.functional.cross_entropy(model(x), y)
 
-    before = model.weight.detach().clone()
+    before = model[0].weight.detach().clone()
     loss, norm = opt.step(loss_of)
     assert len(calls) == 2 and math.isfinite(loss) and norm > 0
-    assert not torch.equal(before, model.weight)
+    assert not torch.equal(before, model[0].weight)
 
 
 def test_sharpness_is_the_top_eigenvalue_of_the_dense_hessian():

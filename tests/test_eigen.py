@@ -257,6 +257,21 @@ def test_eigen_step_is_invariant_to_the_loss_scale(form):
     torch.testing.assert_close(_weights(b), _weights(a), rtol=1e-9, atol=1e-12)
 
 
+def test_unsquared_reng_is_invariant_to_the_loss_scale_and_squared_is_not():
+    """RENG's unsquared penalty ρ‖∇ℓ‖ adds ρHg/‖g‖, which scales like g under loss × c, so the
+    eigen step is unchanged; the squared penalty's ρHg scales by c², so ρ has units."""
+    batches = _batches(4)
+    kw = dict(EIGEN, lr=0.05, inverse_every=2, rho=0.3)
+    finals = {}
+    for norm in ("squared", "unsquared"):
+        a, b = _one_layer(), _one_layer()
+        _train(lambda p, norm=norm: lg.RENG(p, gr_norm=norm, **kw), a, batches)
+        _train(lambda p, norm=norm: lg.RENG(p, gr_norm=norm, **kw), b, batches, scale=1000.0)
+        finals[norm] = (_weights(a), _weights(b))
+    torch.testing.assert_close(*finals["unsquared"], rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(*finals["squared"], rtol=1e-3, atol=1e-6)
+
+
 def test_checkpoint_round_trip_keeps_the_moment():
     batches = _batches(8)
     kw = dict(EIGEN, lr=0.05, momentum=0.9, inverse_every=3)
@@ -304,6 +319,19 @@ def test_mismatched_moment_in_a_checkpoint_is_refused():
 )
 @pytest.mark.parametrize("cls", [lg.KFAC, lg.RING, lg.RENG])
 def test_invalid_eigen_settings_are_refused(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(mlp().parameters(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, match",
+    [
+        (lg.RING, dict(gr_form="sharp"), "gr_form"),
+        (lg.RING, dict(gr_form="isotropic", preconditioner="kfac"), "kfac mode's placement"),
+        (lg.RENG, dict(gr_norm="cubed"), "gr_norm"),
+    ],
+)
+def test_invalid_gr_placements_are_refused(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(mlp().parameters(), **kwargs)
 
