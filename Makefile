@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FIT_CONFIG := --config examples/configs/fashion_mnist.yaml --config examples/configs/optim/ring.yaml
 
-.PHONY: install data demo test lint bench bench-quick clean
+.PHONY: install data demo test lint bench bench-quick bench-gr clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ bench: install
 bench-quick: install
 	$(PY) -m examples.data.fetch all
 	$(PY) -m benchmarks.suite --profile quick --out runs/bench-quick --command "make bench-quick"
+
+# The GR study (issue 21; benchmarks/results/gr/README.md): every regime, the placements of ρ
+# and the lr robustness sweeps, resumable (rerun to continue); one benchmark at a time.
+bench-gr: install
+	$(PY) -m examples.data.fetch all
+	$(PY) -m benchmarks.gr_study benchmarks/results/gr --run
 
 test: install
 	$(PY) -m pytest -q
