@@ -470,7 +470,7 @@ PLACEMENTS = (
     (lg.RING, "gr_form", "isotropic", "iso", (3.0, 10.0, 30.0)),
     (lg.RING, "gr_form", "unsquared", "unsq", (3.0, 10.0, 30.0)),
     (lg.RING, "gr_form", "preconditioned", "prec", (3.0, 10.0, 30.0)),
-    (lg.RENG, "gr_norm", "unsquared", "unsq", (0.3, 1.0, 3.0)),
+    (lg.RENG, "gr_norm", "unsquared", "unsq", (1.0, 3.0)),
 )
 
 GR_STUDY: tuple[OptimizerSpec, ...] = (
