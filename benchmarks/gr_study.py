@@ -257,6 +257,21 @@ def main(argv: list[str] | None = None) -> None:
         lines += regime_lines(task, data[task])
         plot(task, data[task], args.folder / f"{task}.png")
         lines += [f"![{task}]({task}.png)", ""]
+    sweeps = args.folder / "lr_robustness.csv"
+    if sweeps.exists():
+        rows = [lr_robustness._typed(r) for r in csv.DictReader(sweeps.open())]
+        lines += [
+            "### lr robustness",
+            "",
+            "`python -m benchmarks.lr_robustness` (one seed, each task's sweep budget; the "
+            "test metric). Width: decades of lr around the best within 0.5 points (accuracy) or "
+            '0.02 nats (loss) of it; "≥" where the grid\'s last extension still lies inside. The '
+            "last column compares each setting's best over lr with its ρ = 0 twin's best over "
+            "lr (each at its own best lr): whether GR's effect survives tuning.",
+            "",
+            *lr_robustness.summary_lines(rows),
+            "",
+        ]
     (args.folder / "README.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
