@@ -190,34 +190,46 @@ def _best(tests: dict[str, dict[int, float]], names) -> str | None:
     return max(means, key=means.get, default=None)
 
 
+def _grad_norms(runs: dict[int, dict[str, str]]) -> list[float]:
+    return [float(r["mean_grad_norm"]) for r in runs.values() if r["mean_grad_norm"] != "nan"]
+
+
 def plot(task: str, runs: dict[str, dict[int, dict[str, str]]], path: Path) -> None:
-    """Paired effect of ρ against ρ (mean ± std over seeds), one line per route."""
+    """Left: the paired effect of ρ against ρ (mean ± std over seeds), one line per route.
+    Right: the mean gradient norm over training against ρ (the paper's Figure 1 claim)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tests = {opt: _test(r) for opt, r in runs.items()}
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, (ax, ax_norm) = plt.subplots(1, 2, figsize=(9.5, 3.6))
     for route, names in ROUTES.items():
         if names[0.0] not in tests:
             continue
-        rhos, means, stds = [], [], []
+        rhos, means, stds, norms = [], [], [], []
         for rho, name in sorted(names.items()):
-            mean, std, _ = paired(tests[name], tests[names[0.0]]) if name in tests else (0, 0, 0)
-            if name in tests and not math.isnan(mean):
+            if name not in tests:
+                continue
+            mean, std, _ = paired(tests[name], tests[names[0.0]])
+            if not math.isnan(mean):
                 rhos.append(max(rho, 0.01))  # ρ = 0 drawn at 0.01 on the log axis
                 means.append(mean)
                 stds.append(0.0 if math.isnan(std) else std)
-        if rhos:
+                norms.append(statistics.fmean(_grad_norms(runs[name]) or [math.nan]))
+        if len(rhos) > 1:  # the twin alone says nothing
             ax.errorbar(rhos, means, yerr=stds, marker="o", capsize=3, label=route)
+            ax_norm.plot(rhos, norms, marker="o", label=route)
     ax.axhline(0.0, color="grey", lw=0.8)
-    if ax.lines[1:]:  # a log axis needs data (an incomplete study may have none yet)
-        ax.set_xscale("log")
-        ax.legend()
-    ax.set_xlabel("ρ (ρ = 0 drawn at 0.01)")
+    for a in (ax, ax_norm):
+        if a.lines[1 if a is ax else 0 :]:  # a log axis needs data
+            a.set_xscale("log")
+        a.set_xlabel("ρ (ρ = 0 drawn at 0.01)")
+    if ax.lines[1:]:
+        ax.legend(fontsize=7)
     ax.set_ylabel("test accuracy − ρ = 0 twin (points)")
-    ax.set_title(task, fontsize=9)
+    ax_norm.set_ylabel("mean ‖∇ℓ‖ over training")
+    fig.suptitle(task, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
