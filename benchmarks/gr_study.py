@@ -44,7 +44,7 @@ ROUTES = {
     "RING": {
         0.0: "RING-default-rho0",
         0.1: "RING-default",
-        **{rho: f"RING-default-rho{rho:g}" for rho in (1.0, 10.0, 30.0, 100.0)},
+        **{rho: f"RING-default-rho{rho:g}" for rho in (1.0, 10.0, 30.0, 100.0, 300.0, 1000.0)},
     },
     # Where ρ enters (item 3): the other placements, against the same twins.
     **{
@@ -62,7 +62,9 @@ SAM = ("SAM-AdamW", "SAM-AdamW-r0.2")
 #: SAM with the same base preconditioner as RENG (KFAC at the library's defaults).
 SAM_KFAC = ("SAM-KFAC", "SAM-KFAC-r0.2")
 _BASELINES = ("AdamW", "SAM-AdamW", "SAM-AdamW-r0.2", *SAM_KFAC, "SOAP-hb")
-_GR = tuple(name for names in list(ROUTES.values())[:2] for name in names.values())
+#: RING ρ = 300 and 1000 extend the grid where ρ = 100 was best (20 % noise).
+_WIDE = ("RING-default-rho300", "RING-default-rho1000")
+_GR = tuple(n for names in list(ROUTES.values())[:2] for n in names.values() if n not in _WIDE)
 _PLACEMENT_NAMES = tuple(n for names in list(ROUTES.values())[2:] for n in names.values() if n)
 #: The regimes and what runs in each. The clean regimes (small data, large batch) leave out the
 #: settings the noisy regimes found past their grids' ends (RENG ρ = 10 and its finite
@@ -72,7 +74,7 @@ REGIMES: dict[str, tuple[str, ...]] = {
     "fashion_mnist_noisy40": tuple(
         dict.fromkeys((*_BASELINES, *_GR, *EXTRA_NAMES, *_PLACEMENT_NAMES))
     ),
-    "fashion_mnist_noisy20": (*_BASELINES, *_GR, *EXTRA_NAMES),
+    "fashion_mnist_noisy20": (*_BASELINES, *_GR, *_WIDE, *EXTRA_NAMES),
     **{
         regime: (
             *_BASELINES,

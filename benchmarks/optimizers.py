@@ -509,7 +509,10 @@ GR_STUDY: tuple[OptimizerSpec, ...] = (
             f"{cls.__name__}-default with rho = {rho:g}",
             lambda m, lr, cls=cls, rho=rho: cls(m.parameters(), lr=lr, rho=rho),
         )
-        for cls, rhos in ((lg.RENG, (1.0, 3.0, 10.0)), (lg.RING, (1.0, 10.0, 30.0, 100.0)))
+        for cls, rhos in (
+            (lg.RENG, (1.0, 3.0, 10.0)),
+            (lg.RING, (1.0, 10.0, 30.0, 100.0, 300.0, 1000.0)),
+        )
         for rho in rhos
     ),
     *(
