@@ -32,7 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks import lr_robustness
-from benchmarks.optimizers import PLACEMENTS
+from benchmarks.optimizers import PLACEMENTS, SAM_RADII, sam_name
 
 #: Each GR route: its variants by ρ (the swept default at ρ = 0.1 and its twins at its lr).
 ROUTES = {
@@ -58,10 +58,20 @@ ROUTES = {
 #: RENG's finite-difference route at ρ = 0.1, against the same twin.
 EXTRA = {"RENG (finite difference), ρ 0.1": ("RENG-default-fd", "RENG-default-rho0")}
 EXTRA_NAMES = tuple(name for name, _ in EXTRA.values())
-SAM = ("SAM-AdamW", "SAM-AdamW-r0.2")
-#: SAM with the same base preconditioner as RENG (KFAC at the library's defaults).
-SAM_KFAC = ("SAM-KFAC", "SAM-KFAC-r0.2")
-_BASELINES = ("AdamW", "SAM-AdamW", "SAM-AdamW-r0.2", *SAM_KFAC, "SOAP-hb")
+#: SAM around AdamW, and around KFAC at the library's defaults (RENG's base preconditioner),
+#: at every radius of the ladder (a regime runs those its grid reached).
+SAM_FAMILIES = {
+    family: {radius: sam_name(family, radius) for radius in SAM_RADII}
+    for family in ("SAM-AdamW", "SAM-KFAC")
+}
+SAM = tuple(SAM_FAMILIES["SAM-AdamW"].values())
+SAM_KFAC = tuple(SAM_FAMILIES["SAM-KFAC"].values())
+_START_RADII = (0.05, 0.2)
+_BASELINES = (
+    "AdamW",
+    *(sam_name(family, r) for family in SAM_FAMILIES for r in _START_RADII),
+    "SOAP-hb",
+)
 #: RING ρ = 300 and 1000 extend the grid where ρ = 100 was best (20 % noise).
 _WIDE = ("RING-default-rho300", "RING-default-rho1000")
 _GR = tuple(n for names in list(ROUTES.values())[:2] for n in names.values() if n not in _WIDE)
@@ -237,15 +247,41 @@ def plot(task: str, runs: dict[str, dict[int, dict[str, str]]], path: Path) -> N
     plt.close(fig)
 
 
+def radius_extensions(runs: dict[str, dict[int, dict[str, str]]]) -> list[str]:
+    """One more SAM radius along the ladder beyond each edge its best radius (by the mean test
+    accuracy: the generous choice for the baseline) sits on, per family."""
+    more = []
+    for radii in SAM_FAMILIES.values():
+        tried = sorted(r for r, name in radii.items() if name in runs)
+        means = {r: statistics.fmean(_finite(_test(runs[radii[r]])) or [-1.0]) for r in tried}
+        if len(tried) < 2:
+            continue
+        best = max(tried, key=means.__getitem__)
+        step = SAM_RADII.index(best)
+        for edge, side in ((tried[0], -1), (tried[-1], 1)):
+            if best == edge and 0 <= step + side < len(SAM_RADII):
+                more.append(radii[SAM_RADII[step + side]])
+    return more
+
+
 def run(folder: Path, profile: str = "full") -> None:
-    """Every regime through the suite, then the lr robustness sweeps; resumable throughout
-    (the suite's ``--resume``, the sweeps' CSV). One benchmark at a time."""
+    """Every regime through the suite (its SAM radii extended where the best is on an edge),
+    then the lr robustness sweeps; resumable throughout (the suite's ``--resume``, the sweeps'
+    CSV). One benchmark at a time."""
     folder.mkdir(parents=True, exist_ok=True)
     for regime, names in REGIMES.items():
-        command = [sys.executable, "-m", "benchmarks.suite", "--profile", profile]
-        command += ["--tasks", regime, "--optimizers", *names, "--out", str(folder / regime)]
-        with (folder / f"{regime}.log").open("a") as log:
-            subprocess.run([*command, "--resume"], stdout=log, stderr=subprocess.STDOUT, check=True)
+        names = list(names)
+        while True:
+            command = [sys.executable, "-m", "benchmarks.suite", "--profile", profile]
+            command += ["--tasks", regime, "--optimizers", *names, "--out", str(folder / regime)]
+            with (folder / f"{regime}.log").open("a") as log:
+                subprocess.run(
+                    [*command, "--resume"], stdout=log, stderr=subprocess.STDOUT, check=True
+                )
+            more = [n for n in radius_extensions(_load(folder).get(regime, {})) if n not in names]
+            if not more:
+                break
+            names += more
     lr_robustness.main(["--out", str(folder / "lr_robustness.csv"), "--profile", profile])
 
 

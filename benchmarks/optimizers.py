@@ -473,28 +473,35 @@ PLACEMENTS = (
     (lg.RENG, "gr_norm", "unsquared", "unsq", (1.0, 3.0)),
 )
 
+#: SAM's radii: 0.05 (pytorch-optimizer's default) and 0.2 to start; the GR study extends a
+#: regime's radius grid along this ladder where its best radius is on an edge.
+SAM_RADII = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+def sam_name(family: str, radius: float) -> str:
+    """``SAM-AdamW`` / ``SAM-KFAC`` at radius 0.05 (the default), ``<family>-r<radius>`` else."""
+    return family if radius == 0.05 else f"{family}-r{radius:g}"
+
+
 GR_STUDY: tuple[OptimizerSpec, ...] = (
-    _variant(
-        "SAM-AdamW",
-        lambda m, lr: _sam_adamw(m, lr, 0.05),
-        (3e-4, 1e-3, 3e-3, 1e-2),
-        "pytorch-optimizer SAM around torch AdamW, radius 0.05; two passes per step",
-    ),
-    _variant(
-        "SAM-AdamW-r0.2",
-        lambda m, lr: _sam_adamw(m, lr, 0.2),
-        (3e-4, 1e-3, 3e-3, 1e-2),
-        "pytorch-optimizer SAM around torch AdamW, radius 0.2; two passes per step",
+    *(
+        _variant(
+            sam_name("SAM-AdamW", radius),
+            lambda m, lr, radius=radius: _sam_adamw(m, lr, radius),
+            (3e-4, 1e-3, 3e-3, 1e-2),
+            f"pytorch-optimizer SAM around torch AdamW, radius {radius:g}; two passes per step",
+        )
+        for radius in SAM_RADII
     ),
     *(
         _variant(
-            name,
+            sam_name("SAM-KFAC", radius),
             lambda m, lr, radius=radius: _sam_kfac(m, lr, radius),
             EIGEN_GRID,
             f"pytorch-optimizer SAM around lightning_grng KFAC at its defaults, radius "
             f"{radius:g}; two passes per step (the same base preconditioner as RENG's)",
         )
-        for name, radius in (("SAM-KFAC", 0.05), ("SAM-KFAC-r0.2", 0.2))
+        for radius in SAM_RADII
     ),
     _gr_twin(
         "RENG-default-fd",

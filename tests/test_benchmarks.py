@@ -503,3 +503,21 @@ def test_large_batch_task_is_the_small_task_at_eight_times_the_batch():
         t.budgets["full"].steps * t.batch_size / t.budgets["full"].subset for t in (small, large)
     ]
     assert epochs[1] == pytest.approx(epochs[0], rel=0.02)  # same epochs, 8× fewer steps
+
+
+def test_gr_study_extends_a_sam_radius_grid_whose_best_is_on_an_edge():
+    from benchmarks.gr_study import radius_extensions
+
+    def finals(*accs):
+        return {s: dict(final_test=a / 100, diverged="False") for s, a in enumerate(accs)}
+
+    runs = {
+        "SAM-AdamW": finals(82, 82.2),  # radius 0.05 best, the lower edge: add 0.02
+        "SAM-AdamW-r0.2": finals(78, 79),
+        "SAM-KFAC": finals(60, 61),
+        "SAM-KFAC-r0.2": finals(70, 71),  # the upper edge: add 0.5
+        "SAM-KFAC-r0.5": finals(65, 66),  # … already there and worse: 0.2 is interior now
+    }
+    assert radius_extensions(runs) == ["SAM-AdamW-r0.02"]
+    del runs["SAM-KFAC-r0.5"]
+    assert radius_extensions(runs) == ["SAM-AdamW-r0.02", "SAM-KFAC-r0.5"]
