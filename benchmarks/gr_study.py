@@ -126,9 +126,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int]:
-    """Mean and std over seeds of ``a − b`` on the seeds both have, and their count."""
+    """Mean and std over seeds of ``a − b`` on the seeds both have and where neither run failed
+    (a failed run is NaN; the tables count failures separately), and their count."""
     diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
-    return (*_mean_std(diffs), len(diffs))
+    finite = [d for d in diffs if not math.isnan(d)]
+    return (*_mean_std(finite), len(finite))
 
 
 def _fmt(mean: float, std: float, signed: bool = False) -> str:
@@ -159,7 +161,9 @@ def regime_lines(task: str, runs: dict[str, dict[int, dict[str, str]]]) -> list[
         if name not in tests or twin not in tests:
             continue
         mean, std, n = paired(tests[name], tests[twin])
-        own = _fmt(*_mean_std([v for v in tests[name].values() if not math.isnan(v)]))
+        own = _fmt(*_mean_std(_finite(tests[name])))
+        failed = len(tests[name]) - len(_finite(tests[name]))
+        own += f" ({failed} of {len(tests[name])} failed)" if failed else ""
         base = _fmt(*_mean_std([v for v in tests[twin].values() if not math.isnan(v)]))
         lines.append(
             f"| {label} | {own} | {base} | {_fmt(mean, std, True)} (n={n}) | "
