@@ -302,9 +302,22 @@ def main(argv: list[str] | None = None) -> None:
         "# Where does gradient regularization help? (issue 21)",
         "",
         "Produced by `python -m benchmarks.gr_study " + str(args.folder) + "` from the suite "
-        "runs in the subfolders (the commands are in `benchmarks/README.md`). Test accuracy "
-        "on the clean test set, 3 seeds at each optimizer's chosen lr; the GR settings' "
-        "twins run at the swept variant's lr, so each paired difference changes ρ only.",
+        "runs in the subfolders (`make bench-gr` runs or resumes the whole study; "
+        "`benchmarks/README.md`). Test accuracy on the clean test set, 3 seeds at each "
+        "optimizer's chosen lr (swept on the validation split, grid extended past edges); SAM's "
+        "radius grids are extended the same way. The GR settings and their ρ = 0 twins run at "
+        "the swept default's lr (RING-default's, RENG-default's), so each paired difference "
+        "changes ρ only. At ρ = 0 RENG and RING are the same optimizer (KFAC), so the two twins "
+        "differ only in lr: a large RENG effect partly reflects its twin's worse lr, and the "
+        "lr robustness table at the end compares each setting with the ρ = 0 step at its own "
+        "best lr. The small-data regime's AdamW and SOAP rows are the full-strength study's "
+        "runs (`results/strength/fashion_mnist_small`, same task and code for those "
+        "optimizers).",
+        "",
+        "Placement names (issue 21, item 3): RING is RING's default `gr_form='diagonal'` (ρR∘R); "
+        "'isotropic', 'unsquared', 'preconditioned' are the other forms (`docs/algorithms.md` "
+        "§8.3); RENG is the squared penalty, 'RENG unsquared' is `gr_norm='unsquared'` (ρ‖∇ℓ‖, "
+        "§4).",
         "",
     ]
     for task in sorted(data):
