@@ -467,9 +467,9 @@ DEFAULTS: tuple[OptimizerSpec, ...] = (
 #: Where ρ enters (issue 21, item 3): (optimizer, argument, value, short name, ρ grid); each
 #: setting runs at its optimizer's default's lr, against the same ρ = 0 twin.
 PLACEMENTS = (
-    # Grids extended where the best ρ was on an edge (isotropic 3, preconditioned 30, RENG
+    # Grids extended where the best ρ was on an edge (isotropic 3 then 1, preconditioned 30, RENG
     # unsquared 1).
-    (lg.RING, "gr_form", "isotropic", "iso", (1.0, 3.0, 10.0, 30.0)),
+    (lg.RING, "gr_form", "isotropic", "iso", (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)),
     (lg.RING, "gr_form", "unsquared", "unsq", (3.0, 10.0, 30.0)),
     (lg.RING, "gr_form", "preconditioned", "prec", (3.0, 10.0, 30.0, 100.0)),
     (lg.RENG, "gr_norm", "unsquared", "unsq", (0.3, 1.0, 3.0)),
