@@ -276,7 +276,9 @@ def run(folder: Path, profile: str = "full") -> None:
     for regime, names in REGIMES.items():
         names = list(names)
         while True:
+            # Quality only: the step-cost comparisons live in the benchmark and step_cost.
             command = [sys.executable, "-m", "benchmarks.suite", "--profile", profile]
+            command += ["--no-step-time"]
             command += ["--tasks", regime, "--optimizers", *names, "--out", str(folder / regime)]
             with (folder / f"{regime}.log").open("a") as log:
                 subprocess.run(

@@ -272,16 +272,18 @@ def run_suite(args: argparse.Namespace) -> Path:
         ]
     )
 
-    # (4) interleaved step time, one task per worker.
+    # (4) interleaved step time, one task per worker (skipped with --no-step-time: a study that
+    # compares quality only; a step_time.csv already there is left as it was).
     timing = []
     rounds = STEP_TIME_ROUNDS[args.profile]
-    for _, result in pool.map(
-        _step_time,
-        [(t, args.profile, chosen[t], rounds) for t in tasks],
-        lambda j: f"step time {j[0]}",
-    ):
-        timing += result
-    _write_csv(out / "step_time.csv", tuple(timing[0]), timing)
+    if args.step_time:
+        for _, result in pool.map(
+            _step_time,
+            [(t, args.profile, chosen[t], rounds) for t in tasks],
+            lambda j: f"step time {j[0]}",
+        ):
+            timing += result
+        _write_csv(out / "step_time.csv", tuple(timing[0]), timing)
     pool.close()
 
     meta = _meta(args, tasks, names, chosen, started, time.perf_counter() - clock)
@@ -471,6 +473,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--command", default=None, help="how the report names this command")
+    parser.add_argument(
+        "--no-step-time",
+        dest="step_time",
+        action="store_false",
+        help="skip the interleaved per-step timing (phase 4)",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
