@@ -521,3 +521,15 @@ def test_gr_study_extends_a_sam_radius_grid_whose_best_is_on_an_edge():
     assert radius_extensions(runs) == ["SAM-AdamW-r0.02"]
     del runs["SAM-KFAC-r0.5"]
     assert radius_extensions(runs) == ["SAM-AdamW-r0.02", "SAM-KFAC-r0.5"]
+
+
+def test_suite_without_step_time_keeps_quality_runs_and_writes_no_timing(tmp_path):
+    """The GR study's suite calls (--no-step-time) on a large-batch task of the tiny profile."""
+    out = tmp_path / "gr"
+    args = ["--profile", "tiny", "--workers", "1", "--tasks", "fashion_mnist_large_batch"]
+    suite.main([*args, "--optimizers", "RING-default", "--out", str(out), "--no-step-time"])
+    assert not (out / "step_time.csv").exists() and (out / "report.md").exists()
+    assert {r["optimizer"] for r in _rows(out / "runs.csv") if r["phase"] == "final"} == {
+        "AdamW",
+        "RING-default",
+    }
