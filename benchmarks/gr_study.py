@@ -89,11 +89,7 @@ REGIMES: dict[str, tuple[str, ...]] = {
     **{
         regime: (
             *_BASELINES,
-            *(
-                n
-                for n in _GR
-                if n not in ("RENG-default-rho1", "RENG-default-rho10", *skip)
-            ),
+            *(n for n in _GR if n not in ("RENG-default-rho1", "RENG-default-rho10", *skip)),
         )
         for regime, skip in (
             ("fashion_mnist_small", ()),

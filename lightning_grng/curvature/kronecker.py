@@ -32,6 +32,7 @@ from lightning_grng.curvature.inverse import (
     spd_eigh,
     spectral_radius_mask,
 )
+from lightning_grng.numerics import all_finite
 
 
 class InverseMethod(str, Enum):
@@ -158,9 +159,9 @@ class KroneckerFactors:
     def finite_mask(self) -> Tensor:
         """Device flag (0-dim bool): the factors hold an accepted statistic and are finite."""
         assert self.A is not None and self.G is not None
-        ok = torch.isfinite(self.A).all() & torch.isfinite(self.G).all()
+        ok = all_finite(self.A) & all_finite(self.G)
         if self.K is not None:
-            ok = ok & torch.isfinite(self.K).all()
+            ok = ok & all_finite(self.K)
         return ok if self.valid is None else ok & self.valid
 
     def update(
@@ -181,7 +182,7 @@ class KroneckerFactors:
         """
         names = ("A", "G") if K_batch is None else ("A", "G", "K")
         batches = [F.to(self.dtype) for F in (A_batch, G_batch, K_batch) if F is not None]
-        batch_ok = torch.stack([torch.isfinite(F).all() for F in batches]).all()
+        batch_ok = torch.stack([all_finite(F) for F in batches]).all()
         take = batch_ok if accept is None else batch_ok & accept
         if self.A is None or self.G is None:
             for name, F in zip(names, batches, strict=True):
@@ -191,7 +192,7 @@ class KroneckerFactors:
             restart = ~self.finite_mask()
             for name, F in zip(names, batches, strict=True):
                 old = getattr(self, name)
-                ema = torch.where(restart, F, old * decay + F * (1.0 - decay))
+                ema = torch.where(restart, F, old.lerp(F, 1.0 - decay))
                 setattr(self, name, torch.where(take, ema, old))
             self.valid = take if self.valid is None else self.valid | take
         self.updates += 1
@@ -239,7 +240,7 @@ class KroneckerFactors:
         not finite (the caller raises the damping)."""
         parts = (*eig_A, *eig_G, *(eig_K or (None, None)))
         decomposed = [t for t in parts if t is not None]  # a diagonal A has no eigenvectors
-        ok = inputs_ok & torch.stack([torch.isfinite(t).all() for t in decomposed]).all()
+        ok = inputs_ok & torch.stack([all_finite(t) for t in decomposed]).all()
         take = ok if accept is None else ok & accept
         old = (self.eval_A, self.evec_A, self.eval_G, self.evec_G, self.eval_K, self.evec_K)
         kept = [
@@ -314,7 +315,7 @@ class KroneckerFactors:
             usable.append(finite if cold else finite & (residual < 1.0))
             new.append(X.to(M.dtype))
         self.newton_iterations = iters
-        ok = inputs_ok & torch.stack([torch.isfinite(X).all() for X in new]).all()
+        ok = inputs_ok & torch.stack([all_finite(X) for X in new]).all()
         take = ok if accept is None else ok & accept
         self.unusable = ~(usable[0].all() & usable[1].all())
         mask_A = usable[0][..., None] if self.a_is_diagonal else usable[0][..., None, None]
@@ -475,7 +476,7 @@ def carry_moment(
     if square_A is not None and (not split or square_K is not None):
         out = input_side(out, square_A, square_K)
     # A non-finite old basis (a failed first decomposition) carries nothing over.
-    return torch.where(torch.isfinite(out).all(), out.to(moment.dtype), moment)
+    return torch.where(all_finite(out), out.to(moment.dtype), moment)
 
 
 def _change_of_basis(basis: tuple[Tensor | None, Tensor | None]) -> Tensor | None:
@@ -502,7 +503,7 @@ def carry_first_moment(
     map_A, map_K = _change_of_basis(basis_A), _change_of_basis(basis_K)
     if map_A is not None and (basis_K[1] is None or map_K is not None):
         out = input_side(out, map_A, map_K)
-    return torch.where(torch.isfinite(out).all(), out.to(m.dtype), m)
+    return torch.where(all_finite(out), out.to(m.dtype), m)
 
 
 def _keep_last_good(new: Tensor, previous: Tensor | None, take: Tensor) -> Tensor:
