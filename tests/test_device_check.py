@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import device_check
 
 
@@ -25,3 +27,9 @@ def test_device_check_quick_runs_on_cpu(tmp_path):
             assert r["syncs_max"] <= 1, r
     text = md.read_text()
     assert "| model | optimizer |" in text and report["header"]["device"] in text
+
+
+def test_device_check_refuses_unknown_optimizers(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        device_check.main(["--out", str(tmp_path), "--quick", "--optimizers", "AdamW,Nope"])
+    assert "unknown optimizers ['Nope']" in capsys.readouterr().err

@@ -58,6 +58,9 @@ class KroneckerBlock(ABC):
     """
 
     diagonal_input: ClassVar[bool] = False
+    #: :meth:`to_matrix` is the weight's transpose (an embedding's ``weight.T``): directions are
+    #: laid out transposed in memory, so that :meth:`from_matrix` gives a contiguous tensor.
+    transposed_matrix: ClassVar[bool] = False
     #: Kernel taps per input channel (kh·kw of a convolution; 1 for a matrix): the weight's
     #: columns are channel-major ``(C, taps)``, which a per-dimension split factors.
     taps: int = 1

@@ -21,6 +21,7 @@ class EmbeddingBlock(KroneckerBlock):
     """``nn.Embedding`` with ``max_norm=None`` and ``sparse=False`` (see :func:`unsupported`)."""
 
     diagonal_input: ClassVar[bool] = True
+    transposed_matrix: ClassVar[bool] = True
 
     def __init__(self, module: nn.Embedding, name: str, with_bias: bool = False) -> None:
         super().__init__(

@@ -32,6 +32,7 @@ from lightning_grng.curvature.inverse import (
     spd_eigh,
     spectral_radius_mask,
 )
+from lightning_grng.numerics import all_finite
 
 
 class InverseMethod(str, Enum):
@@ -158,9 +159,9 @@ class KroneckerFactors:
     def finite_mask(self) -> Tensor:
         """Device flag (0-dim bool): the factors hold an accepted statistic and are finite."""
         assert self.A is not None and self.G is not None
-        ok = torch.isfinite(self.A).all() & torch.isfinite(self.G).all()
+        ok = all_finite(self.A) & all_finite(self.G)
         if self.K is not None:
-            ok = ok & torch.isfinite(self.K).all()
+            ok = ok & all_finite(self.K)
         return ok if self.valid is None else ok & self.valid
 
     def update(
@@ -181,7 +182,7 @@ class KroneckerFactors:
         """
         names = ("A", "G") if K_batch is None else ("A", "G", "K")
         batches = [F.to(self.dtype) for F in (A_batch, G_batch, K_batch) if F is not None]
-        batch_ok = torch.stack([torch.isfinite(F).all() for F in batches]).all()
+        batch_ok = torch.stack([all_finite(F) for F in batches]).all()
         take = batch_ok if accept is None else batch_ok & accept
         if self.A is None or self.G is None:
             for name, F in zip(names, batches, strict=True):
@@ -191,7 +192,7 @@ class KroneckerFactors:
             restart = ~self.finite_mask()
             for name, F in zip(names, batches, strict=True):
                 old = getattr(self, name)
-                ema = torch.where(restart, F, old * decay + F * (1.0 - decay))
+                ema = torch.where(restart, F, old.lerp(F, 1.0 - decay))
                 setattr(self, name, torch.where(take, ema, old))
             self.valid = take if self.valid is None else self.valid | take
         self.updates += 1
@@ -239,7 +240,7 @@ class KroneckerFactors:
         not finite (the caller raises the damping)."""
         parts = (*eig_A, *eig_G, *(eig_K or (None, None)))
         decomposed = [t for t in parts if t is not None]  # a diagonal A has no eigenvectors
-        ok = inputs_ok & torch.stack([torch.isfinite(t).all() for t in decomposed]).all()
+        ok = inputs_ok & torch.stack([all_finite(t) for t in decomposed]).all()
         take = ok if accept is None else ok & accept
         old = (self.eval_A, self.evec_A, self.eval_G, self.evec_G, self.eval_K, self.evec_K)
         kept = [
@@ -314,7 +315,7 @@ class KroneckerFactors:
             usable.append(finite if cold else finite & (residual < 1.0))
             new.append(X.to(M.dtype))
         self.newton_iterations = iters
-        ok = inputs_ok & torch.stack([torch.isfinite(X).all() for X in new]).all()
+        ok = inputs_ok & torch.stack([all_finite(X) for X in new]).all()
         take = ok if accept is None else ok & accept
         self.unusable = ~(usable[0].all() & usable[1].all())
         mask_A = usable[0][..., None] if self.a_is_diagonal else usable[0][..., None, None]
@@ -355,36 +356,39 @@ class KroneckerFactors:
             rotated = self.evec_G.transpose(-1, -2) @ V.to(self.evec_G.dtype)
         return input_side(rotated, self.evec_A, self.evec_K)
 
-    def from_eigenbasis(self, R: Tensor, dtype: torch.dtype) -> Tensor:
-        """``Q_G R Q_Aᵀ`` cast to ``dtype``: the inverse of :meth:`to_eigenbasis`."""
+    def from_eigenbasis(self, R: Tensor, dtype: torch.dtype, transposed: bool = False) -> Tensor:
+        """``Q_G R Q_Aᵀ`` cast to ``dtype``: the inverse of :meth:`to_eigenbasis`.
+
+        ``transposed``: lay the result out in memory as its transpose (a block whose matrix is
+        its weight's transpose, :attr:`KroneckerBlock.transposed_matrix`), so the direction
+        comes out contiguous in the weight's own layout. Same values; on a 20,000-row
+        embedding an elementwise op mixing the two layouts costs 20× a contiguous one."""
+        if transposed and self.evec_A is None and self.evec_G is not None:
+            return (R.mT @ self.evec_G.mT).mT.to(dtype)  # (Q_G R)ᵀ = Rᵀ Q_Gᵀ, row-major
         out = R if self.evec_G is None else self.evec_G @ R
         return input_side(out, _transposed(self.evec_A), _transposed(self.evec_K)).to(dtype)
 
-    def update_moment(self, R: Tensor, beta2: float) -> Tensor:
-        """Absorbs the rotated gradient ``R`` into the second moment and returns its
-        bias-corrected value ``m / (1 − β₂ᵗ)`` (Adam's correction: the EMA starts at 0).
-
-        A non-finite ``R`` leaves the moment unchanged (decided on the device)."""
-        square = R * R
-        if self.moment is None or self.moment.shape != square.shape:
-            self.moment, self.moment_count = torch.zeros_like(square), 0
-        ok = torch.isfinite(square).all()
-        self.moment = torch.where(ok, self.moment * beta2 + square * (1.0 - beta2), self.moment)
+    def eigen_moments(
+        self, R: Tensor, beta2: float, beta1: float | None
+    ) -> tuple[Tensor, Tensor | None, tuple[float, float]]:
+        """The moments that absorb this step's rotated gradient ``R`` (zeros at the first step
+        and after a change of shape): the second moment, the first (kept in the eigenbasis;
+        None when ``beta1`` is None), and Adam's bias corrections ``(1 − β₂ᵗ, 1 − β₁ᵗ)`` with
+        this step counted. :func:`~lightning_grng.optim.eigen_scale.eigen_scale` updates the
+        moments in place."""
+        if self.moment is None or self.moment.shape != R.shape:
+            self.moment, self.moment_count = torch.zeros_like(R), 0
         self.moment_count += 1
-        return self.moment / (1.0 - beta2**self.moment_count)
-
-    def update_first_moment(self, R: Tensor, beta1: float) -> Tensor:
-        """Absorbs the rotated gradient ``R = Q_Gᵀ V Q_A`` into the first moment (kept in the
-        eigenbasis) and returns its bias-corrected value ``m / (1 − β₁ᵗ)`` (Adam's), in the
-        dtype of ``R``. A non-finite ``R`` leaves it unchanged (on the device)."""
-        stored = R.to(self.dtype)
+        corrections = (1.0 - beta2**self.moment_count, 1.0)
+        if beta1 is None:
+            return self.moment, None, corrections
         m = self.rotated_first_moment
-        if m is None or m.shape != stored.shape:
-            m, self.first_count = torch.zeros_like(stored), 0
-        ok = torch.isfinite(stored).all()
-        self.rotated_first_moment = torch.where(ok, m * beta1 + stored * (1.0 - beta1), m)
+        if m is None or m.shape != R.shape:
+            self.rotated_first_moment = torch.zeros_like(R, dtype=self.dtype)
+            self.first_count = 0
         self.first_count += 1
-        return (self.rotated_first_moment / (1.0 - beta1**self.first_count)).to(R.dtype)
+        corrections = (corrections[0], 1.0 - beta1**self.first_count)
+        return self.moment, self.rotated_first_moment, corrections
 
     def state_dict(self) -> dict[str, object]:
         state: dict[str, object] = {"updates": self.updates, "moment_count": self.moment_count}
@@ -472,7 +476,7 @@ def carry_moment(
     if square_A is not None and (not split or square_K is not None):
         out = input_side(out, square_A, square_K)
     # A non-finite old basis (a failed first decomposition) carries nothing over.
-    return torch.where(torch.isfinite(out).all(), out.to(moment.dtype), moment)
+    return torch.where(all_finite(out), out.to(moment.dtype), moment)
 
 
 def _change_of_basis(basis: tuple[Tensor | None, Tensor | None]) -> Tensor | None:
@@ -499,7 +503,7 @@ def carry_first_moment(
     map_A, map_K = _change_of_basis(basis_A), _change_of_basis(basis_K)
     if map_A is not None and (basis_K[1] is None or map_K is not None):
         out = input_side(out, map_A, map_K)
-    return torch.where(torch.isfinite(out).all(), out.to(m.dtype), m)
+    return torch.where(all_finite(out), out.to(m.dtype), m)
 
 
 def _keep_last_good(new: Tensor, previous: Tensor | None, take: Tensor) -> Tensor:

@@ -80,6 +80,10 @@ DESCRIPTIONS: dict[str, str] = {
     "over channels (C_in) and kernel taps (kh*kw), per tensor dimension as Shampoo and SOAP "
     "do, instead of one dense factor. None: 512 with gradient statistics (off with K-FAC "
     "statistics, where setting it is an error).",
+    "compile": "run the eigen mode's per-block arithmetic between the two rotations (moments, "
+    "damped curvature, power) through torch.compile, fused into one or two loops (default "
+    "False: eager). The first steps pay the compile (seconds to a minute); if compiling fails "
+    "the optimizer warns once and stays eager. Eigen mode only.",
     "momentum_on": "what momentum averages: 'direction' (the preconditioned update) or "
     "'gradient' (the gradient's first moment, then preconditioned, as Adam and SOAP do; "
     "eigen mode only). None: 'gradient' in the eigen mode, 'direction' in the kfac mode.",

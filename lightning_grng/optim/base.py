@@ -34,6 +34,7 @@ from lightning_grng.curvature.capture import (
     FisherType,
     LossReduction,
 )
+from lightning_grng.numerics import all_finite, squared_norm
 from lightning_grng.optim.attachment import AttachmentMixin
 from lightning_grng.optim.checkpoint import CheckpointMixin
 from lightning_grng.optim.fallback import FallbackMode, describe
@@ -73,12 +74,12 @@ class StepGradients:
 
     @classmethod
     def of_params(cls, grads: dict[Tensor, Tensor]) -> StepGradients:
-        return cls(grads, device_total(g.double().pow(2).sum() for g in grads.values()))
+        return cls(grads, device_total(squared_norm(g) for g in grads.values()))
 
     def block_sq(self, block: KroneckerBlock) -> Tensor:
         """``‖g_b‖²`` of one block's parameters (0-dim, no host sync)."""
         grads = [self.of[p] for p in block.params() if p in self.of]
-        return torch.stack([g.double().pow(2).sum() for g in grads]).sum()
+        return torch.stack([squared_norm(g) for g in grads]).sum()
 
 
 class GRNGOptimizer(AttachmentMixin, StatisticsStage, CheckpointMixin):
@@ -354,7 +355,7 @@ class GRNGOptimizer(AttachmentMixin, StatisticsStage, CheckpointMixin):
             if U is None:
                 continue
             # Non-finite direction: identity preconditioner for this block (on the device).
-            preconditioned[key] = torch.where(torch.isfinite(U).all(), U, V.to(U.dtype))
+            preconditioned[key] = torch.where(all_finite(U), U, V.to(U.dtype))
         if self._sharding is not None and self._blocks:
             preconditioned = self._share_directions(preconditioned, list(grad_of.values()))
         directions: dict[Tensor, Tensor] = {}

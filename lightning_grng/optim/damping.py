@@ -112,11 +112,22 @@ def eigen_curvature(D: Tensor, R: Tensor, args: DampingArgs) -> tuple[Tensor, Te
     """
     ratio = torch.full((D.shape[0],), args.damping * args.boost, dtype=D.dtype, device=D.device)
     relative = args.mode is DampingMode.RELATIVE
+    return eigen_curvature_of(D, R, ratio, relative, args.rho, args.gr_form), ratio
+
+
+def eigen_curvature_of(
+    D: Tensor, R: Tensor, ratio: Tensor, relative: bool, rho: float, form: GRForm
+) -> Tensor:
+    """:func:`eigen_curvature` from its parts (``ratio``: λ·boost per group), as a new tensor;
+    plain tensors and constants only, so that ``torch.compile`` traces it whole."""
     mean_D = D.mean(dim=(-2, -1), keepdim=True)
     gamma = ratio[:, None, None] * mean_D if relative else ratio[:, None, None]
-    gr = gr_curvature(D, R, mean_D, args.rho, args.gr_form) if args.rho > 0.0 else 0.0
-    curvature = D + gamma + gr
-    return curvature.clamp_min(torch.finfo(curvature.dtype).tiny), ratio
+    curvature = D + gamma  # the one new tensor; the rest is in place
+    if rho > 0.0 and form is GRForm.DIAGONAL:
+        curvature.addcmul_(R, R, value=rho)  # ρ R∘R without a temporary
+    elif rho > 0.0:
+        curvature.add_(gr_curvature(D, R, mean_D, rho, form))
+    return curvature.clamp_min_(torch.finfo(curvature.dtype).tiny)
 
 
 def gr_curvature(D: Tensor, R: Tensor, mean_D: Tensor, rho: float, form: GRForm) -> Tensor:

@@ -99,6 +99,7 @@ class KFAC(GRNGOptimizer):
         stagger_first: int | None = None,
         max_factor: int | None = None,
         split_conv: int | None = None,
+        compile: bool = False,
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 
@@ -152,11 +153,20 @@ class KFAC(GRNGOptimizer):
                 f"{name}: momentum_on='gradient' preconditions the gradient's first moment with "
                 "the eigen mode's second moment; use it with preconditioner='eigen'."
             )
+        compile = hp.pop("compile")
+        if not isinstance(compile, bool):
+            raise TypeError(f"{name}: compile must be True or False, got {compile!r}.")
+        if compile and not issubclass(route_cls, EigenRoute):
+            raise ValueError(
+                f"{name}: compile=True fuses the eigen mode's per-block update; the kfac mode "
+                "has none to fuse. Use preconditioner='eigen' with it, or compile=False."
+            )
         self.route: Route = route_cls(
             beta2=check_range(name, "beta2", hp.pop("beta2"), 0.0, 1.0, high_open=True),
             power=check_range(name, "power", hp.pop("power"), 0.0, 1.0, low_open=True),
             newton_iters=check_int(name, "newton_iters", hp.pop("newton_iters")),
             first_moment=self.momentum_on is MomentumOn.GRADIENT,
+            **({"compile": compile} if compile else {}),
         )
         self.inverse = InverseMethod.NEWTON if route_cls.name == "newton" else InverseMethod.EIGH
         self.damping_mode = check_choice(name, "damping_mode", hp.pop("damping_mode"), DampingMode)

@@ -93,6 +93,7 @@ class RENG(KFAC):
         stagger_first: int | None = None,
         max_factor: int | None = None,
         split_conv: int | None = None,
+        compile: bool = False,
         gr_norm: str = "squared",
     ) -> None:
         self._configure(params, hyperparameters(locals()))

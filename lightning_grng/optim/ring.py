@@ -81,6 +81,7 @@ class RING(KFAC):
         stagger_first: int | None = None,
         max_factor: int | None = None,
         split_conv: int | None = None,
+        compile: bool = False,
         gr_form: str = "diagonal",
     ) -> None:
         self._configure(params, hyperparameters(locals()))

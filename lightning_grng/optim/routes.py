@@ -41,7 +41,8 @@ from lightning_grng.curvature.inverse import (
     settle_null_space,
 )
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
-from lightning_grng.optim.damping import DampingArgs, eigen_curvature, kronecker_damping
+from lightning_grng.optim.damping import DampingArgs, DampingMode, kronecker_damping
+from lightning_grng.optim.eigen_scale import EigenScale
 from lightning_grng.optim.validation import check_int
 
 
@@ -253,6 +254,12 @@ class EigenRoute(EighRoute):
     ring_rho = 0.1
     momentum_ema = True
 
+    def __init__(self, *args: Any, compile: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The arithmetic between the rotations (``optim/eigen_scale.py``): ``compile=True``
+        #: fuses it with ``torch.compile``.
+        self.scale = EigenScale(compile)
+
     def direction(
         self,
         block: KroneckerBlock,
@@ -265,12 +272,17 @@ class EigenRoute(EighRoute):
         with :attr:`first_moment`, the rotated first moment of the gradient (Adam in the
         eigenbasis, as SOAP: ``Q (Qᵀ m̂ Q ∘ (D + γ + ρR∘R)^(−p)) Qᵀ``)."""
         R = factors.to_eigenbasis(V)
-        D = factors.update_moment(R, self.beta2)
-        curvature, ratio = eigen_curvature(D, R, damping)
-        scale = curvature.rsqrt() if self.power == 0.5 else curvature.pow(-self.power)
-        if self.first_moment:  # kept in the eigenbasis: no second rotation
-            R = factors.update_first_moment(R, beta1)
-        return factors.from_eigenbasis(R * scale, V.dtype), ratio
+        moment, first, corrections = factors.eigen_moments(
+            R, self.beta2, beta1 if self.first_moment else None
+        )
+        lam = damping.damping * damping.boost
+        ratio = torch.full((R.shape[0],), lam, dtype=R.dtype, device=R.device)
+        relative = damping.mode is DampingMode.RELATIVE
+        scaled = self.scale(
+            R, moment, first, ratio, corrections, self.beta2, beta1,
+            relative, damping.rho, damping.gr_form, self.power,
+        )  # fmt: skip
+        return factors.from_eigenbasis(scaled, V.dtype, block.transposed_matrix), ratio
 
 
 class WarmEigenRoute(EigenRoute):

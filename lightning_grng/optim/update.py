@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_grng.numerics import inner
 from lightning_grng.optim.fallback import adam_direction
 
 
@@ -34,10 +35,8 @@ def kl_clip_scale(
     where ``Σ`` is 0 or not finite, and the float 1.0 without a clip."""
     if clip is None:
         return 1.0
-    vg = device_total(
-        group_of[p]["lr"] ** 2 * (directions[p].double() * g.double()).sum()
-        for p, g in grad_of.items()
-    ).abs()
+    vg = device_total(group_of[p]["lr"] ** 2 * inner(directions[p], g) for p, g in grad_of.items())
+    vg = vg.abs()
     usable = (vg > 0.0) & torch.isfinite(vg)
     scale = torch.sqrt(clip / torch.where(usable, vg, torch.ones_like(vg)))
     return torch.where(usable, scale.clamp(max=1.0), torch.ones_like(vg))
@@ -77,17 +76,23 @@ def apply_directions(
         for p in group["params"]:
             if p not in directions:
                 continue
-            update = directions[p].to(p.dtype).mul(scale)
+            update = directions[p].to(p.dtype)
             if mu > 0.0 and p not in carried:
+                update = update.mul(scale)
                 buf = state[p].get("momentum_buffer")
                 if buf is None:
                     state[p]["momentum_buffer"] = buf = update.clone()
                 else:
                     buf.mul_(mu).add_(update, alpha=1.0 - mu if momentum_ema else 1.0)
-                update = buf
+                update, scale_left = buf, 1.0
+            else:
+                scale_left = scale  # applied in the final fused multiply-add
             if wd > 0.0:
                 p.mul_(1.0 - lr * wd)
-            p.add_(update, alpha=-lr)
+            if isinstance(scale_left, Tensor):
+                p.addcmul_(update, scale_left.to(p.dtype), value=-lr)
+            else:
+                p.add_(update, alpha=-lr * scale_left)
 
 
 def apply_fallback(
