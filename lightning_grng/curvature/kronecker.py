@@ -379,16 +379,15 @@ class KroneckerFactors:
         if self.moment is None or self.moment.shape != R.shape:
             self.moment, self.moment_count = torch.zeros_like(R), 0
         self.moment_count += 1
-        corrections = (1.0 - beta2**self.moment_count, 1.0)
+        second = 1.0 - beta2**self.moment_count
         if beta1 is None:
-            return self.moment, None, corrections
+            return self.moment, None, (second, 1.0)
         m = self.rotated_first_moment
         if m is None or m.shape != R.shape:
             self.rotated_first_moment = torch.zeros_like(R, dtype=self.dtype)
             self.first_count = 0
         self.first_count += 1
-        corrections = (corrections[0], 1.0 - beta1**self.first_count)
-        return self.moment, self.rotated_first_moment, corrections
+        return self.moment, self.rotated_first_moment, (second, 1.0 - beta1**self.first_count)
 
     def state_dict(self) -> dict[str, object]:
         state: dict[str, object] = {"updates": self.updates, "moment_count": self.moment_count}

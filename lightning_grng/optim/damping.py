@@ -110,9 +110,16 @@ def eigen_curvature(D: Tensor, R: Tensor, args: DampingArgs) -> tuple[Tensor, Te
     ``args.gr_form`` selects another placement (:class:`GRForm`). Clamped at the smallest
     normal number, so its negative power is finite.
     """
-    ratio = torch.full((D.shape[0],), args.damping * args.boost, dtype=D.dtype, device=D.device)
-    relative = args.mode is DampingMode.RELATIVE
+    ratio, relative = eigen_damping(args, D)
     return eigen_curvature_of(D, R, ratio, relative, args.rho, args.gr_form), ratio
+
+
+def eigen_damping(args: DampingArgs, like: Tensor) -> tuple[Tensor, bool]:
+    """The eigen mode's damping parts for a block shaped like ``like`` ``(groups, n_out,
+    n_in)``: λ·boost per group (on ``like``'s device) and whether γ is relative to mean(D)."""
+    lam = args.damping * args.boost
+    ratio = torch.full((like.shape[0],), lam, dtype=like.dtype, device=like.device)
+    return ratio, args.mode is DampingMode.RELATIVE
 
 
 def eigen_curvature_of(

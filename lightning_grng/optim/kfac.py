@@ -166,7 +166,7 @@ class KFAC(GRNGOptimizer):
             power=check_range(name, "power", hp.pop("power"), 0.0, 1.0, low_open=True),
             newton_iters=check_int(name, "newton_iters", hp.pop("newton_iters")),
             first_moment=self.momentum_on is MomentumOn.GRADIENT,
-            **({"compile": compile} if compile else {}),
+            compile=compile,
         )
         self.inverse = InverseMethod.NEWTON if route_cls.name == "newton" else InverseMethod.EIGH
         self.damping_mode = check_choice(name, "damping_mode", hp.pop("damping_mode"), DampingMode)

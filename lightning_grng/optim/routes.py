@@ -41,7 +41,7 @@ from lightning_grng.curvature.inverse import (
     settle_null_space,
 )
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
-from lightning_grng.optim.damping import DampingArgs, DampingMode, kronecker_damping
+from lightning_grng.optim.damping import DampingArgs, eigen_damping, kronecker_damping
 from lightning_grng.optim.eigen_scale import EigenScale
 from lightning_grng.optim.validation import check_int
 
@@ -125,6 +125,8 @@ class Route(ABC):
         beta2: decay of the eigen route's second moment.
         power: the eigen route's exponent p in ``(D + γ)^(−p)``.
         newton_iters: the Newton route's iterations from a cold start.
+        first_moment: precondition the gradient's first moment (see :attr:`first_moment`).
+        compile: fuse the eigen route's elementwise stage with ``torch.compile``.
     """
 
     #: The route's name (``docs/defaults.md`` lists the defaults below per route).
@@ -140,9 +142,17 @@ class Route(ABC):
     momentum_ema: ClassVar[bool] = False
 
     def __init__(
-        self, beta2: float, power: float, newton_iters: int, first_moment: bool = False
+        self,
+        beta2: float,
+        power: float,
+        newton_iters: int,
+        first_moment: bool = False,
+        compile: bool = False,
     ) -> None:
         self.beta2, self.power, self.newton_iters = beta2, power, newton_iters
+        #: Fuse the eigen route's elementwise stage with ``torch.compile`` (the optimizers
+        #: refuse it for the other routes, which have none).
+        self.compile = compile
         #: The route preconditions Adam's first moment of the gradient (``momentum_on=
         #: "gradient"``: SOAP's order) instead of the gradient; the template's momentum on the
         #: direction is then off for its blocks.
@@ -254,11 +264,11 @@ class EigenRoute(EighRoute):
     ring_rho = 0.1
     momentum_ema = True
 
-    def __init__(self, *args: Any, compile: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: The arithmetic between the rotations (``optim/eigen_scale.py``): ``compile=True``
-        #: fuses it with ``torch.compile``.
-        self.scale = EigenScale(compile)
+        #: The arithmetic between the rotations (``optim/eigen_scale.py``), fused by
+        #: ``torch.compile`` with ``compile=True``.
+        self.scale = EigenScale(self.compile)
 
     def direction(
         self,
@@ -275,9 +285,7 @@ class EigenRoute(EighRoute):
         moment, first, corrections = factors.eigen_moments(
             R, self.beta2, beta1 if self.first_moment else None
         )
-        lam = damping.damping * damping.boost
-        ratio = torch.full((R.shape[0],), lam, dtype=R.dtype, device=R.device)
-        relative = damping.mode is DampingMode.RELATIVE
+        ratio, relative = eigen_damping(damping, R)
         scaled = self.scale(
             R, moment, first, ratio, corrections, self.beta2, beta1,
             relative, damping.rho, damping.gr_form, self.power,
