@@ -651,7 +651,19 @@ EIGEN_KFAC: tuple[OptimizerSpec, ...] = (
     _twin(lg.RENG, "eigen", LANGUAGE_TASKS),
 )
 
-BY_NAME = {spec.name: spec for spec in (*SPECS, *EIGEN_KFAC, *STRENGTH, *GR_STUDY)}
+#: Issue 22: the defaults with an embedding's every row updated each step (``lazy_rows=False``,
+#: the default until the lazy rows), for the lazy rows' quality check and step cost.
+DENSE_ROWS: tuple[OptimizerSpec, ...] = (
+    _variant(
+        "RING-default-dense-rows",
+        lambda m, lr: lg.RING(m.parameters(), lr=lr, lazy_rows=False),
+        EIGEN_GRID,
+        "RING-default with lazy_rows=False (every embedding row rotated and moved each step)",
+        "grng",
+    ),
+)
+
+BY_NAME = {spec.name: spec for spec in (*SPECS, *EIGEN_KFAC, *STRENGTH, *GR_STUDY, *DENSE_ROWS)}
 
 # Sophia and SINGD are left out of the generalization task to keep `make bench` near two hours;
 # SAM, the flat-minima baseline, runs only there.

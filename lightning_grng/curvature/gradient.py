@@ -21,8 +21,14 @@ def gradient_factors(V: Tensor, diagonal_input: bool, dtype: torch.dtype) -> tup
     as its diagonal ``(groups, n_in)``, the column sums of squares (an embedding's vocabulary
     side, as K-FAC's A of an embedding is diagonal)."""
     V = V.to(dtype)
-    A = (V * V).sum(-2) if diagonal_input else V.transpose(-1, -2) @ V
+    # Column sums of squares as a norm: one pass, no temporary of V's size.
+    A = column_squares(V) if diagonal_input else V.transpose(-1, -2) @ V
     return A, V @ V.transpose(-1, -2)
+
+
+def column_squares(V: Tensor) -> Tensor:
+    """``(V ∘ V).sum(-2)``: each column's sum of squares, in one reduction."""
+    return torch.linalg.vector_norm(V, dim=-2).square()
 
 
 def split_input_factors(V: Tensor, taps: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

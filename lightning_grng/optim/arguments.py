@@ -84,6 +84,10 @@ DESCRIPTIONS: dict[str, str] = {
     "damped curvature, power) through torch.compile, fused into one or two loops (default "
     "False: eager). The first steps pay the compile (seconds to a minute); if compiling fails "
     "the optimizer warns once and stays eager. Eigen mode only.",
+    "lazy_rows": "update an embedding's rows lazily: the rows this step's gradient touches are "
+    "rotated, absorbed into the moments and moved; the others keep their moments and weights "
+    "(as LazyAdam and torch's SparseAdam), so the work is O(rows touched) instead of "
+    "O(vocabulary). Eigen mode only. None: True in the eigen mode.",
     "momentum_on": "what momentum averages: 'direction' (the preconditioned update) or "
     "'gradient' (the gradient's first moment, then preconditioned, as Adam and SOAP do; "
     "eigen mode only). None: 'gradient' in the eigen mode, 'direction' in the kfac mode.",

@@ -38,6 +38,7 @@ from lightning_grng.numerics import all_finite, squared_norm
 from lightning_grng.optim.attachment import AttachmentMixin
 from lightning_grng.optim.checkpoint import CheckpointMixin
 from lightning_grng.optim.fallback import FallbackMode, describe
+from lightning_grng.optim.lazy_rows import RowUpdate
 from lightning_grng.optim.mc_fisher import sampled_label_loss
 from lightning_grng.optim.readback import DampingBoost, ReadBack
 from lightning_grng.optim.statistics import StatisticsStage
@@ -264,8 +265,9 @@ class GRNGOptimizer(AttachmentMixin, StatisticsStage, CheckpointMixin):
         V: Tensor,
         group: dict[str, Any],
         grads: StepGradients,
-    ) -> Tensor | None:
-        """Preconditioned ``(groups, n_out, n_in)`` matrix, or None while no curvature exists."""
+    ) -> Tensor | RowUpdate | None:
+        """Preconditioned ``(groups, n_out, n_in)`` matrix (or an embedding's touched rows,
+        ``optim/lazy_rows.py``), or None while no curvature exists."""
         raise NotImplementedError
 
     def _momentum_carried(self, directions: dict[Tensor, Tensor]) -> set[Tensor]:
@@ -343,7 +345,7 @@ class GRNGOptimizer(AttachmentMixin, StatisticsStage, CheckpointMixin):
         left to the fallback update."""
         grad_of = grads.of
         group_of = {p: group for group in self.param_groups for p in group["params"]}
-        preconditioned: dict[str, Tensor] = {}
+        preconditioned: dict[str, Tensor | RowUpdate] = {}
         for key, block in self._blocks.items():
             block_params = block.params()
             if any(p not in grad_of for p in block_params):
@@ -355,13 +357,23 @@ class GRNGOptimizer(AttachmentMixin, StatisticsStage, CheckpointMixin):
             if U is None:
                 continue
             # Non-finite direction: identity preconditioner for this block (on the device).
-            preconditioned[key] = torch.where(all_finite(U), U, V.to(U.dtype))
+            if isinstance(U, RowUpdate):  # an embedding's touched rows (lazy_rows)
+                preconditioned[key] = U.finite_or_gradient()
+            else:
+                preconditioned[key] = torch.where(all_finite(U), U, V.to(U.dtype))
         if self._sharding is not None and self._blocks:
+            preconditioned = {
+                key: U.dense().mT.unsqueeze(0) if isinstance(U, RowUpdate) else U
+                for key, U in preconditioned.items()
+            }
             preconditioned = self._share_directions(preconditioned, list(grad_of.values()))
-        directions: dict[Tensor, Tensor] = {}
+        directions: dict[Tensor, Tensor | RowUpdate] = {}
         for key, U in preconditioned.items():
             block = self._blocks[key]
-            directions.update(zip(block.params(), block.from_matrix(U), strict=True))
+            if isinstance(U, RowUpdate):
+                directions[block.weight] = U  # in the weight's layout already
+            else:
+                directions.update(zip(block.params(), block.from_matrix(U), strict=True))
         fallback = [p for p in grad_of if p not in directions]
         if self.fallback is FallbackMode.SGD:
             directions.update((p, grad_of[p]) for p in fallback)

@@ -123,27 +123,44 @@ def eigen_damping(args: DampingArgs, like: Tensor) -> tuple[Tensor, bool]:
 
 
 def eigen_curvature_of(
-    D: Tensor, R: Tensor, ratio: Tensor, relative: bool, rho: float, form: GRForm
+    D: Tensor,
+    R: Tensor,
+    ratio: Tensor,
+    relative: bool,
+    rho: float,
+    form: GRForm,
+    mean_D: Tensor | None = None,
+    numel: int | None = None,
 ) -> Tensor:
     """:func:`eigen_curvature` from its parts (``ratio``: λ·boost per group), as a new tensor;
-    plain tensors and constants only, so that ``torch.compile`` traces it whole."""
-    mean_D = D.mean(dim=(-2, -1), keepdim=True)
+    plain tensors and constants only, so that ``torch.compile`` traces it whole.
+
+    ``D`` and ``R`` may be a gathered part of the block (an embedding's touched rows,
+    ``optim/lazy_rows.py``): ``mean_D`` is then the whole block's (per group, ``(g, 1, 1)``) and
+    ``numel`` its entries per group, the divisor of the GR forms' block means (the entries left
+    out have R = 0)."""
+    if mean_D is None:
+        mean_D = D.mean(dim=(-2, -1), keepdim=True)
     gamma = ratio[:, None, None] * mean_D if relative else ratio[:, None, None]
     curvature = D + gamma  # the one new tensor; the rest is in place
     if rho > 0.0 and form is GRForm.DIAGONAL:
         curvature.addcmul_(R, R, value=rho)  # ρ R∘R without a temporary
     elif rho > 0.0:
-        curvature.add_(gr_curvature(D, R, mean_D, rho, form))
+        curvature.add_(gr_curvature(D, R, mean_D, rho, form, numel))
     return curvature.clamp_min_(torch.finfo(curvature.dtype).tiny)
 
 
-def gr_curvature(D: Tensor, R: Tensor, mean_D: Tensor, rho: float, form: GRForm) -> Tensor:
-    """RING's GR term ``ρ·s_b·S`` in the eigenbasis, per :class:`GRForm` (§8.3)."""
+def gr_curvature(
+    D: Tensor, R: Tensor, mean_D: Tensor, rho: float, form: GRForm, numel: int | None = None
+) -> Tensor:
+    """RING's GR term ``ρ·s_b·S`` in the eigenbasis, per :class:`GRForm` (§8.3); block means
+    over ``numel`` entries per group (default: R's own)."""
     tiny = torch.finfo(D.dtype).tiny
     square = R * R
     if form is GRForm.DIAGONAL:
         return rho * square
-    mean_sq = square.mean(dim=(-2, -1), keepdim=True)
+    count = numel if numel is not None else R.shape[-2] * R.shape[-1]
+    mean_sq = square.sum(dim=(-2, -1), keepdim=True) / count
     if form is GRForm.ISOTROPIC:
         return (rho * mean_sq).expand_as(D)
     if form is GRForm.UNSQUARED:

@@ -38,18 +38,28 @@ def eigen_scale(
     rho: float,
     form: GRForm,
     power: float,
+    outside: Tensor | None = None,
+    numel: int | None = None,
 ) -> Tensor:
     """``X (D + γ + ρ·GR)^(−power)`` in the eigenbasis, ``X`` the bias-corrected first moment
     (``first`` given) or ``R`` itself; ``moment`` and ``first`` absorb ``R`` in place.
 
     ``ratio`` is γ's λ·boost per group (relative: times the block's mean D), ``corrections``
     Adam's bias corrections ``(1 − β₂ᵗ, 1 − β₁ᵗ)``. A non-finite ``R∘R`` leaves both moments
-    unchanged (decided on the device; the template then drops the direction)."""
+    unchanged (decided on the device; the template then drops the direction).
+
+    ``R``, ``moment`` and ``first`` may be the gathered touched rows of a block
+    (``optim/lazy_rows.py``): ``outside`` is then the sum of the block's second moment over
+    the entries left out (per group, ``(g, 1, 1)``), ``numel`` the block's entries per group,
+    so that the block's mean D, and with it γ, is the whole block's."""
     square = R * R
     ok = all_finite(square)
     _ema_(moment, square, 1.0 - beta2, ok)
     D = moment / corrections[0]
-    curvature = eigen_curvature_of(D, R, ratio, relative, rho, form)  # a new tensor
+    mean_D = None
+    if outside is not None:
+        mean_D = (moment.sum(dim=(-2, -1), keepdim=True) + outside) / (numel * corrections[0])
+    curvature = eigen_curvature_of(D, R, ratio, relative, rho, form, mean_D, numel)
     scale = curvature.rsqrt_() if power == 0.5 else curvature.pow_(-power)
     if first is None:
         return R * scale

@@ -13,12 +13,17 @@ from torch.profiler import record_function
 
 from lightning_grng.curvature.block import KroneckerBlock
 from lightning_grng.curvature.capture import CurvatureCapture, FactorAccumulator, LossReduction
-from lightning_grng.curvature.gradient import gradient_factors, split_input_factors
+from lightning_grng.curvature.gradient import (
+    column_squares,
+    gradient_factors,
+    split_input_factors,
+)
 from lightning_grng.curvature.inverse import working_dtype
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
 from lightning_grng.optim.arguments import documented, hyperparameters
 from lightning_grng.optim.base import GRNGOptimizer, ParamsT, StepGradients
 from lightning_grng.optim.damping import DampingArgs, DampingMode, GRForm
+from lightning_grng.optim.lazy_rows import RowUpdate, TouchedRows, touched_rows
 from lightning_grng.optim.routes import (
     SOURCE_DEFAULTS,
     BasisRefresh,
@@ -100,6 +105,7 @@ class KFAC(GRNGOptimizer):
         max_factor: int | None = None,
         split_conv: int | None = None,
         compile: bool = False,
+        lazy_rows: bool | None = None,
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 
@@ -161,6 +167,17 @@ class KFAC(GRNGOptimizer):
                 f"{name}: compile=True fuses the eigen mode's per-block update; the kfac mode "
                 "has none to fuse. Use preconditioner='eigen' with it, or compile=False."
             )
+        lazy = hp.pop("lazy_rows")
+        if lazy is not None and not isinstance(lazy, bool):
+            raise TypeError(f"{name}: lazy_rows must be True, False or None, got {lazy!r}.")
+        if lazy and not issubclass(route_cls, EigenRoute):
+            raise ValueError(
+                f"{name}: lazy_rows=True keeps an embedding's untouched rows out of the eigen "
+                "mode's moments; the kfac mode has none. Use preconditioner='eigen' with it, or "
+                "lazy_rows=None."
+            )
+        #: Embeddings updated at O(rows touched) (``optim/lazy_rows.py``).
+        self.lazy_rows = issubclass(route_cls, EigenRoute) if lazy is None else lazy
         self.route: Route = route_cls(
             beta2=check_range(name, "beta2", hp.pop("beta2"), 0.0, 1.0, high_open=True),
             power=check_range(name, "power", hp.pop("power"), 0.0, 1.0, low_open=True),
@@ -189,6 +206,10 @@ class KFAC(GRNGOptimizer):
         self.wide_refresh: tuple[int, int] | None = None
         #: Blocks whose weight gets gradient from another use too (fallback update).
         self._foreign: set[str] = set()
+        #: This step's touched rows of the blocks updated lazily (``lazy_rows``).
+        self._touched: dict[str, TouchedRows] = {}
+        #: This step's squared row norms of the embeddings, from the gradient statistics.
+        self._row_squares: dict[str, Tensor] = {}
 
     def _split_option(self, name: str, value: int | None) -> int | None:
         """``split_conv`` checked; None: :data:`SPLIT_CONV` with gradient statistics, off with
@@ -281,6 +302,8 @@ class KFAC(GRNGOptimizer):
             factors = self.factors(key)
             V = block.to_matrix(*[grads.of[p] for p in params])
             A, G, K = self._gradient_statistics(block, V, factors.dtype)
+            if block.diagonal_input:  # each row's squared norm: the lazy update's rows
+                self._row_squares[key] = A[0]
             ok = factors.update(A, G, self.ema_decay, accept=self._readback.step_ok, K_batch=K)
             self._note(~ok, self._rejection_counter(block))
 
@@ -319,9 +342,8 @@ class KFAC(GRNGOptimizer):
         if "G" not in diagonal:
             return (*gradient_factors(V, "A" in diagonal, dtype), None)
         V = V.to(dtype)
-        square = V * V
-        A = square.sum(-2) if "A" in diagonal else V.transpose(-1, -2) @ V
-        return A, square.sum(-1), None
+        A = column_squares(V) if "A" in diagonal else V.transpose(-1, -2) @ V
+        return A, column_squares(V.mT), None
 
     def _splits(self, block: KroneckerBlock) -> bool:
         """Whether ``block``'s input side is split per dimension (``split_conv``): a
@@ -381,6 +403,36 @@ class KFAC(GRNGOptimizer):
             for side, drifted in enumerate(d.factors.drifted):
                 if drifted is not None:
                     self._note(drifted, self._full_eigh_setter(d.factors, side))
+        self._note_touched_rows(grads)
+
+    def _lazy(self, key: str, block: KroneckerBlock) -> bool:
+        """Whether ``block`` is updated at O(rows touched): an embedding (its input side is its
+        own eigenbasis) with ``lazy_rows``, preconditioned by this rank."""
+        factors = self._factors.get(key)
+        return (
+            self.lazy_rows
+            and block.diagonal_input
+            and block.groups == 1
+            and key not in self._foreign
+            and self._owns(key)
+            and factors is not None
+            and factors.ready
+            and factors.evec_A is None
+            and factors.evec_K is None
+        )
+
+    def _note_touched_rows(self, grads: StepGradients) -> None:
+        """The touched rows of each lazy block; their count comes with the step's read-back."""
+        self._touched = {}
+        squares, self._row_squares = self._row_squares, {}
+        for key, block in self._blocks.items():
+            params = block.params()
+            if not self._lazy(key, block) or any(p not in grads.of for p in params):
+                continue
+            V = block.to_matrix(*[grads.of[p] for p in params])
+            rows, count = touched_rows(V, squares.get(key))
+            self._touched[key] = rows
+            self._note(count, rows.set_count)
 
     def _rank_bound(
         self, block: KroneckerBlock, factors: KroneckerFactors
@@ -468,12 +520,15 @@ class KFAC(GRNGOptimizer):
         V: Tensor,
         group: dict[str, Any],
         grads: StepGradients,
-    ) -> Tensor | None:
+    ) -> Tensor | RowUpdate | None:
         factors = self._factors.get(key)
         if factors is None or not factors.ready:
             return None
         damping = self._damping(block, group, grads)
-        U, ratio = self.route.direction(block, factors, V, damping, group["momentum"])
+        rows = self._touched.pop(key, None)
+        if rows is not None and rows.count is None:
+            rows = None  # not read back (cannot happen inside step()): the dense update
+        U, ratio = self.route.direction(block, factors, V, damping, group["momentum"], rows)
         if ratio is not None:
             self._damping_ratios[block.name] = ratio.mean()
         return U

@@ -94,6 +94,7 @@ class RENG(KFAC):
         max_factor: int | None = None,
         split_conv: int | None = None,
         compile: bool = False,
+        lazy_rows: bool | None = None,
         gr_norm: str = "squared",
     ) -> None:
         self._configure(params, hyperparameters(locals()))

@@ -82,6 +82,7 @@ class RING(KFAC):
         max_factor: int | None = None,
         split_conv: int | None = None,
         compile: bool = False,
+        lazy_rows: bool | None = None,
         gr_form: str = "diagonal",
     ) -> None:
         self._configure(params, hyperparameters(locals()))

@@ -41,8 +41,10 @@ from lightning_grng.curvature.inverse import (
     settle_null_space,
 )
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
+from lightning_grng.optim import lazy_rows
 from lightning_grng.optim.damping import DampingArgs, eigen_damping, kronecker_damping
 from lightning_grng.optim.eigen_scale import EigenScale
+from lightning_grng.optim.lazy_rows import TouchedRows
 from lightning_grng.optim.validation import check_int
 
 
@@ -172,11 +174,13 @@ class Route(ABC):
         V: Tensor,
         damping: DampingArgs,
         beta1: float = 0.0,
+        rows: TouchedRows | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """The preconditioned ``(groups, n_out, n_in)`` matrix of gradient ``V`` and the damping
         used, in the route's units (γ / mean curvature per group; None if unknown). ``beta1``
         is the group's momentum, for a route that keeps the gradient's first moment itself
-        (:attr:`first_moment`)."""
+        (:attr:`first_moment`). ``rows``: the touched rows of an embedding updated lazily
+        (``optim/lazy_rows.py``; the eigen route's), None for a dense update."""
 
 
 class EighRoute(Route):
@@ -245,6 +249,7 @@ class EighRoute(Route):
         V: Tensor,
         damping: DampingArgs,
         beta1: float = 0.0,
+        rows: TouchedRows | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         gamma, ratio = kronecker_damping(
             factors.mean_eigenvalue(), block.n_in * block.n_out, damping
@@ -277,20 +282,42 @@ class EigenRoute(EighRoute):
         V: Tensor,
         damping: DampingArgs,
         beta1: float = 0.0,
+        rows: TouchedRows | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Absorbs this step's ``R`` into D (the route's per-step state), then scales R, or,
         with :attr:`first_moment`, the rotated first moment of the gradient (Adam in the
-        eigenbasis, as SOAP: ``Q (Qᵀ m̂ Q ∘ (D + γ + ρR∘R)^(−p)) Qᵀ``)."""
+        eigenbasis, as SOAP: ``Q (Qᵀ m̂ Q ∘ (D + γ + ρR∘R)^(−p)) Qᵀ``). With ``rows``, the
+        same for the touched rows alone (``optim/lazy_rows.py``)."""
+        beta1_kept = beta1 if self.first_moment else None
+        if rows is not None:
+            return self._rows_direction(factors, V, damping, beta1, beta1_kept, rows)
         R = factors.to_eigenbasis(V)
-        moment, first, corrections = factors.eigen_moments(
-            R, self.beta2, beta1 if self.first_moment else None
-        )
+        moment, first, corrections = factors.eigen_moments(R, self.beta2, beta1_kept)
         ratio, relative = eigen_damping(damping, R)
         scaled = self.scale(
             R, moment, first, ratio, corrections, self.beta2, beta1,
             relative, damping.rho, damping.gr_form, self.power,
         )  # fmt: skip
         return factors.from_eigenbasis(scaled, V.dtype, block.transposed_matrix), ratio
+
+    def _rows_direction(
+        self,
+        factors: KroneckerFactors,
+        V: Tensor,
+        damping: DampingArgs,
+        beta1: float,
+        beta1_kept: float | None,
+        rows: TouchedRows,
+    ) -> tuple[Tensor, Tensor]:
+        """The lazy embedding update: the dense arithmetic on the gathered touched rows, the
+        block's mean D from all rows (its input side is its own eigenbasis)."""
+        got = lazy_rows.gather(factors, V, rows, self.beta2, beta1_kept)
+        ratio, relative = eigen_damping(damping, got.R)
+        scaled = self.scale(
+            got.R, got.moment, got.first, ratio, got.corrections, self.beta2, beta1, relative,
+            damping.rho, damping.gr_form, self.power, got.outside, got.numel,
+        )  # fmt: skip
+        return lazy_rows.scatter(factors, V, got, scaled), ratio
 
 
 class WarmEigenRoute(EigenRoute):
@@ -386,6 +413,7 @@ class NewtonRoute(Route):
         V: Tensor,
         damping: DampingArgs,
         beta1: float = 0.0,
+        rows: TouchedRows | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         return factors.precondition(V, 0.0), factors.damping_ratio
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_grng.numerics import inner
 from lightning_grng.optim.fallback import adam_direction
+from lightning_grng.optim.lazy_rows import RowUpdate
 
 
 def device_total(values: Iterable[Tensor]) -> Tensor:
@@ -26,7 +27,7 @@ def device_total(values: Iterable[Tensor]) -> Tensor:
 
 def kl_clip_scale(
     clip: float | None,
-    directions: dict[Tensor, Tensor],
+    directions: dict[Tensor, Tensor | RowUpdate],
     grad_of: dict[Tensor, Tensor],
     group_of: dict[Tensor, dict[str, Any]],
 ) -> float | Tensor:
@@ -35,7 +36,11 @@ def kl_clip_scale(
     where ``Σ`` is 0 or not finite, and the float 1.0 without a clip."""
     if clip is None:
         return 1.0
-    vg = device_total(group_of[p]["lr"] ** 2 * inner(directions[p], g) for p, g in grad_of.items())
+    vg = device_total(
+        group_of[p]["lr"] ** 2
+        * (d.inner(g) if isinstance(d := directions[p], RowUpdate) else inner(d, g))
+        for p, g in grad_of.items()
+    )
     vg = vg.abs()
     usable = (vg > 0.0) & torch.isfinite(vg)
     scale = torch.sqrt(clip / torch.where(usable, vg, torch.ones_like(vg)))
@@ -63,20 +68,28 @@ class KLBindCounter:
 def apply_directions(
     param_groups: list[dict[str, Any]],
     state: dict[Tensor, dict[str, Any]],
-    directions: dict[Tensor, Tensor],
+    directions: dict[Tensor, Tensor | RowUpdate],
     scale: float | Tensor,
     momentum_ema: bool,
     carried: set[Tensor] | frozenset[Tensor] = frozenset(),
 ) -> None:
     """``θ ← θ(1 − lr·wd) − lr·m`` with ``m ← μm + U`` (heavy ball) or ``m ← μm + (1 − μ)U``
     (``momentum_ema``: the step keeps U's units); U = ``scale`` × the direction. The
-    parameters in ``carried`` take U itself (their direction already holds a first moment)."""
+    parameters in ``carried`` take U itself (their direction already holds a first moment).
+    A :class:`RowUpdate` moves its rows alone; with the template's momentum it is made whole
+    first (that momentum moves every row)."""
     for group in param_groups:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         for p in group["params"]:
             if p not in directions:
                 continue
-            update = directions[p].to(p.dtype)
+            direction = directions[p]
+            if isinstance(direction, RowUpdate):
+                if not (mu > 0.0 and p not in carried):
+                    _apply_rows(p, direction, scale, lr, wd)
+                    continue
+                direction = direction.dense()
+            update = direction.to(p.dtype)
             if mu > 0.0 and p not in carried:
                 update = update.mul(scale)
                 buf = state[p].get("momentum_buffer")
@@ -93,6 +106,19 @@ def apply_directions(
                 p.addcmul_(update, scale_left.to(p.dtype), value=-lr)
             else:
                 p.add_(update, alpha=-lr * scale_left)
+
+
+def _apply_rows(p: Tensor, U: RowUpdate, scale: float | Tensor, lr: float, wd: float) -> None:
+    """``θ ← θ(1 − lr·wd) − lr·scale·U`` with U non-zero in its rows only (decoupled weight
+    decay, if any, still shrinks every row, as AdamW's does)."""
+    if wd > 0.0:
+        p.mul_(1.0 - lr * wd)
+    rows = U.rows.to(p.dtype)
+    if isinstance(scale, Tensor):
+        rows = rows * scale.to(p.dtype)
+        p.index_add_(0, U.index, rows, alpha=-lr)
+    else:
+        p.index_add_(0, U.index, rows, alpha=-lr * scale)
 
 
 def apply_fallback(

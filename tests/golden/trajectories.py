@@ -106,8 +106,9 @@ def run(name: str) -> list[Tensor]:
 
 
 #: The defaults of KFAC, RING and RENG when the trajectories were recorded (the eigen mode's
-#: defaults moved to gradient statistics with Adam-order momentum since: issue 23).
-RECORDED_DEFAULTS = dict(curvature="kfac", momentum_on="direction")
+#: defaults moved to gradient statistics with Adam-order momentum since, issue 23, and an
+#: embedding's rows to the lazy update, issue 22: ``tests/test_lazy_rows.py``).
+RECORDED_DEFAULTS = dict(curvature="kfac", momentum_on="direction", lazy_rows=False)
 
 
 def _run(name: str) -> list[Tensor]:
