@@ -26,8 +26,12 @@ from matplotlib.colors import Normalize
 
 Row = dict[str, str]
 DASH = "—"
-# Per-step cost ceiling relative to AdamW that the GRNG optimizers aim for (issues 12 and 14).
-STEP_TIME_LIMIT = 1.2
+# Per-step cost ceiling relative to AdamW at the library's defaults (issue 22): 1.15× on the
+# small models, 1.3× on IMDB (an embedding table); judged on the defaults' first-order-cost
+# optimizers (RENG's second backward pass is its price, listed but not judged).
+STEP_TIME_LIMIT = {"imdb": 1.3}
+STEP_TIME_DEFAULT_LIMIT = 1.15
+STEP_TIME_JUDGED = ("KFAC-default", "RING-default")
 # This project's optimizers; everything else in a results folder is a baseline.
 PROJECT_FAMILIES = ("grng", "ablation")
 PROJECT_KFAC = ("KFAC", "KFAC-eigen", "KFAC-default")  # the project's ρ = 0 members ("kfac")
@@ -378,10 +382,11 @@ def step_time_bullet(res: Results, task: str) -> str:
     if not ratios:
         return f"- Per-step time on {task}: not measured in this profile."
     parts = [f"{o} {r:.2f}" for o, r in ratios.items()]
-    ok = all(r <= STEP_TIME_LIMIT for r in ratios.values())
-    return (
-        f"- {verdict(ok)} per-step time ≤ {STEP_TIME_LIMIT}× AdamW on {task}: {', '.join(parts)}."
-    )
+    limit = STEP_TIME_LIMIT.get(task, STEP_TIME_DEFAULT_LIMIT)
+    judged = [r for o, r in ratios.items() if o in STEP_TIME_JUDGED] or list(ratios.values())
+    ok = all(r <= limit for r in judged)
+    who = " at the defaults (KFAC-default, RING-default)" if len(judged) < len(ratios) else ""
+    return f"- {verdict(ok)} per-step time ≤ {limit}× AdamW{who} on {task}: {', '.join(parts)}."
 
 
 def winner_bullets(res: Results, task: str) -> list[str]:
