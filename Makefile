@@ -29,7 +29,7 @@ demo: data
 	$(PY) -m examples.train test $(FIT_CONFIG) --ckpt_path runs/fashion_mnist/checkpoints/last.ckpt
 
 # Benchmarks (benchmarks/README.md): the full side-by-side run regenerates the committed
-# benchmarks/results/ (about two hours on 2 cores); the quick one (2 min 41 s measured on 2 cores with
+# benchmarks/results/ (96 minutes measured on 2 cores, 2026-12-07); the quick one (2 min 41 s measured on 2 cores with
 # the data fetched: training subsets, one seed, no sweep) writes runs/bench-quick/.
 bench: install
 	$(PY) -m examples.data.fetch all
