@@ -525,9 +525,7 @@ class KFAC(GRNGOptimizer):
         if factors is None or not factors.ready:
             return None
         damping = self._damping(block, group, grads)
-        rows = self._touched.pop(key, None)
-        if rows is not None and rows.count is None:
-            rows = None  # not read back (cannot happen inside step()): the dense update
+        rows = self._touched.pop(key, None)  # noted before this step's read-back
         U, ratio = self.route.direction(block, factors, V, damping, group["momentum"], rows)
         if ratio is not None:
             self._damping_ratios[block.name] = ratio.mean()
