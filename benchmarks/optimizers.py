@@ -663,7 +663,27 @@ DENSE_ROWS: tuple[OptimizerSpec, ...] = (
     ),
 )
 
-BY_NAME = {spec.name: spec for spec in (*SPECS, *EIGEN_KFAC, *STRENGTH, *GR_STUDY, *DENSE_ROWS)}
+#: Issue 22: the defaults with cheaper curvature upkeep, for the quality side of their step
+#: cost: gradient statistics every second step, the basis kept by a warm start, and both.
+COST_STUDY: tuple[OptimizerSpec, ...] = tuple(
+    _variant(
+        f"RING-default-{suffix}",
+        lambda m, lr, options=options: lg.RING(m.parameters(), lr=lr, **options),
+        EIGEN_GRID,
+        f"RING-default with {what}",
+        "grng",
+    )
+    for suffix, options, what in (
+        ("stats2", dict(curvature_every=2), "curvature_every=2 (statistics every second step)"),
+        ("warm", dict(refresh="warm"), "refresh='warm' (basis by orthogonal iteration)"),
+        ("lean", dict(curvature_every=2, refresh="warm"), "curvature_every=2, refresh='warm'"),
+    )
+)
+
+BY_NAME = {
+    spec.name: spec
+    for spec in (*SPECS, *EIGEN_KFAC, *STRENGTH, *GR_STUDY, *DENSE_ROWS, *COST_STUDY)
+}
 
 # Sophia and SINGD are left out of the generalization task to keep `make bench` near two hours;
 # SAM, the flat-minima baseline, runs only there.

@@ -59,6 +59,7 @@ EXTRA_SPECS = {
     for spec in (
         _ring("RING-default", "the library's defaults"),
         _ring("RING-default-compiled", "defaults with compile=True", compile=True),
+        _ring("RING-default-batched", "defaults with batch_blocks=True", batch_blocks=True),
         _ring("RING-default-whole", "defaults with every conv factor whole", split_conv=10**9),
         _ring("RING-eigen-warm", "refresh='warm'", refresh="warm", **KFAC_STATISTICS),
         _ring("RING-eigen-spread", "stagger_first=1024", stagger_first=1024, **KFAC_STATISTICS),

@@ -21,6 +21,13 @@ def all_finite(x: Tensor) -> Tensor:
     return torch.isfinite(x.sum())
 
 
+def all_finite_each(x: Tensor) -> Tensor:
+    """:func:`all_finite` of each block of ``x`` over its last three dimensions (a block's
+    ``(groups, n, m)``), kept as size-1 dimensions: ``(k, 1, 1, 1)`` for ``k`` blocks stacked
+    (``optim/batching.py``), ``(1, 1, 1)`` for one, broadcastable against ``x`` either way."""
+    return torch.isfinite(x.sum(dim=(-3, -2, -1), keepdim=True))
+
+
 def inner(a: Tensor, b: Tensor) -> Tensor:
     """``⟨a, b⟩`` over all entries as a float64 0-dim tensor: one fused dot product in the
     wider of the two dtypes (at least float32), the layouts of ``a`` and ``b`` matching."""

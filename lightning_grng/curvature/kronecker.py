@@ -32,7 +32,7 @@ from lightning_grng.curvature.inverse import (
     spd_eigh,
     spectral_radius_mask,
 )
-from lightning_grng.numerics import all_finite
+from lightning_grng.numerics import all_finite, all_finite_each
 
 
 class InverseMethod(str, Enum):
@@ -422,6 +422,40 @@ class KroneckerFactors:
         self.drifted = (None, None, None)
         pending = [bool(x) for x in state.get("full_next", ())]  # type: ignore[union-attr]
         self.full_next = [*pending, False, False, False][:3]
+
+
+def update_stacked(
+    members: list[KroneckerFactors],
+    A_batch: Tensor,
+    G_batch: Tensor,
+    decay: float,
+    accept: Tensor | None = None,
+) -> Tensor:
+    """:meth:`KroneckerFactors.update` of k blocks at once (``optim/batching.py``): their
+    factors initialized already, dense and alike in shape and dtype, their statistics stacked
+    ``(k, g, n, n)``. Each member decides alone (its batch finite, its state restarted where
+    it was not finite); the new factors are views of one stacked result. Returns each
+    member's "statistics finite" flag, ``(k,)``."""
+    dtype = members[0].dtype
+    batches = {"A": A_batch.to(dtype), "G": G_batch.to(dtype)}
+    batch_ok = all_finite_each(batches["A"]) & all_finite_each(batches["G"])  # (k, 1, 1, 1)
+    take = batch_ok if accept is None else batch_ok & accept
+    olds = {name: torch.stack([getattr(f, name) for f in members]) for name in batches}
+    # A loaded state (valid None) counts as valid here, and holds only this batch's flag after.
+    true = torch.ones((), dtype=torch.bool, device=A_batch.device)
+    valid = torch.stack([true if f.valid is None else f.valid for f in members])
+    prior = torch.stack([~true if f.valid is None else f.valid for f in members])
+    state_ok = all_finite_each(olds["A"]) & all_finite_each(olds["G"])
+    restart = ~(state_ok & valid[:, None, None, None])
+    for name, F in batches.items():
+        old = olds[name]
+        new = torch.where(take, torch.where(restart, F, old.lerp(F, 1.0 - decay)), old)
+        for f, value in zip(members, new.unbind(0), strict=True):
+            setattr(f, name, value)
+    for f, flag in zip(members, (prior | take.reshape(-1)).unbind(0), strict=True):
+        f.valid = flag
+        f.updates += 1
+    return batch_ok.reshape(-1)
 
 
 def input_side(X: Tensor, M: Tensor | None, M_K: Tensor | None = None) -> Tensor:

@@ -84,6 +84,11 @@ DESCRIPTIONS: dict[str, str] = {
     "damped curvature, power) through torch.compile, fused into one or two loops (default "
     "False: eager). The first steps pay the compile (seconds to a minute); if compiling fails "
     "the optimizer warns once and stays eager. Eigen mode only.",
+    "batch_blocks": "eigen mode: same-shaped blocks (a transformer's repeated layers) take "
+    "their gradient statistics and rotations as one batched matmul and their elementwise "
+    "stage as one pass, instead of a dozen small ops per block (same arithmetic). Off by "
+    "default: on a CPU it measured no faster (benchmarks/results/step_cost/batching.md); it "
+    "is meant for GPUs, where each small op is a kernel launch.",
     "lazy_rows": "update an embedding's rows lazily: the rows this step's gradient touches are "
     "rotated, absorbed into the moments and moved; the others keep their moments and weights "
     "(as LazyAdam and torch's SparseAdam), so the work is O(rows touched) instead of "

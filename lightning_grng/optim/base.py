@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -52,6 +52,8 @@ from lightning_grng.optim.update import (
 from lightning_grng.optim.validation import check_choice, check_int, check_range
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+#: One block of the precondition stage: ``(key, block, gradient matrix, param group)``.
+BlockItem = tuple[str, KroneckerBlock, Tensor, dict[str, Any]]
 
 #: Per-group hyperparameters and their allowed ranges ``(low, high, low_open, high_open)``;
 #: checked in ``__init__`` and for every param group (also ``add_param_group``).
@@ -72,10 +74,21 @@ class StepGradients:
 
     of: dict[Tensor, Tensor]
     sq: Tensor
+    #: Block -> its gradient matrix, built once per step (statistics, touched rows and the
+    #: precondition stage all read it).
+    _matrices: dict[KroneckerBlock, Tensor] = field(default_factory=dict)
 
     @classmethod
     def of_params(cls, grads: dict[Tensor, Tensor]) -> StepGradients:
         return cls(grads, device_total(squared_norm(g) for g in grads.values()))
+
+    def matrix(self, block: KroneckerBlock) -> Tensor:
+        """The block's gradient as its ``(groups, n_out, n_in)`` matrix (every parameter of
+        the block must have a gradient)."""
+        V = self._matrices.get(block)
+        if V is None:
+            V = self._matrices[block] = block.to_matrix(*[self.of[p] for p in block.params()])
+        return V
 
     def block_sq(self, block: KroneckerBlock) -> Tensor:
         """``‖g_b‖²`` of one block's parameters (0-dim, no host sync)."""
@@ -270,6 +283,13 @@ class GRNGOptimizer(AttachmentMixin, StatisticsStage, CheckpointMixin):
         ``optim/lazy_rows.py``), or None while no curvature exists."""
         raise NotImplementedError
 
+    def _precondition_blocks(
+        self, owned: list[BlockItem], grads: StepGradients
+    ) -> list[Tensor | RowUpdate | None]:
+        """:meth:`_precondition_block` of each ``(key, block, V, group)``, in order (the eigen
+        mode batches same-shaped blocks here)."""
+        return [self._precondition_block(*item, grads) for item in owned]
+
     def _momentum_carried(self, directions: dict[Tensor, Tensor]) -> set[Tensor]:
         """Parameters whose direction already holds a first moment (no momentum added)."""
         return set()
@@ -345,15 +365,15 @@ class GRNGOptimizer(AttachmentMixin, StatisticsStage, CheckpointMixin):
         left to the fallback update."""
         grad_of = grads.of
         group_of = {p: group for group in self.param_groups for p in group["params"]}
+        owned = [
+            (key, block, grads.matrix(block), group_of[block.weight])
+            for key, block in self._blocks.items()
+            # Unused this step (or bias frozen): the fallback handles the rest. Not owned
+            # (DDP): its owner preconditions it; the result arrives below.
+            if all(p in grad_of for p in block.params()) and self._owns(key)
+        ]
         preconditioned: dict[str, Tensor | RowUpdate] = {}
-        for key, block in self._blocks.items():
-            block_params = block.params()
-            if any(p not in grad_of for p in block_params):
-                continue  # unused this step (or bias frozen): the fallback handles the rest
-            if not self._owns(key):
-                continue  # DDP: its owner preconditions it; the result arrives below
-            V = block.to_matrix(*[grad_of[p] for p in block_params])
-            U = self._precondition_block(key, block, V, group_of[block.weight], grads)
+        for (key, _, V, _), U in zip(owned, self._precondition_blocks(owned, grads), strict=True):
             if U is None:
                 continue
             # Non-finite direction: identity preconditioner for this block (on the device).

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_grng.numerics import all_finite
+from lightning_grng.numerics import all_finite_each
 from lightning_grng.optim.damping import GRForm, eigen_curvature_of
 
 #: The backend handed to ``torch.compile`` (a test swaps in a failing one).
@@ -48,12 +48,16 @@ def eigen_scale(
     Adam's bias corrections ``(1 − β₂ᵗ, 1 − β₁ᵗ)``. A non-finite ``R∘R`` leaves both moments
     unchanged (decided on the device; the template then drops the direction).
 
+    ``R``, ``moment`` and ``first`` may be ``k`` same-shaped blocks stacked ``(k, groups,
+    n_out, n_in)`` (``optim/batching.py``; ``ratio`` and ``corrections`` then hold for all):
+    every mean, every finiteness decision is per block.
+
     ``R``, ``moment`` and ``first`` may be the gathered touched rows of a block
     (``optim/lazy_rows.py``): ``outside`` is then the sum of the block's second moment over
     the entries left out (per group, ``(g, 1, 1)``), ``numel`` the block's entries per group,
     so that the block's mean D, and with it γ, is the whole block's."""
     square = R * R
-    ok = all_finite(square)
+    ok = all_finite_each(square)  # per block where k same-shaped blocks come stacked
     _ema_(moment, square, 1.0 - beta2, ok)
     D = moment / corrections[0]
     mean_D = None
@@ -68,7 +72,7 @@ def eigen_scale(
 
 
 def _ema_(m: Tensor, x: Tensor, weight: float, ok: Tensor) -> None:
-    """``m ← m + weight·(x − m)`` in place where ``ok`` (0-dim bool); else ``m`` stays: the
+    """``m ← m + weight·(x − m)`` in place where ``ok`` (bool, per block); else ``m`` stays: the
     target is then ``m`` itself, so no NaN of ``x`` reaches it."""
     m.lerp_(torch.where(ok, x, m), weight)
 

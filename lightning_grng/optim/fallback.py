@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 #: Adam's moment decays and epsilon for the fallback (PyTorch's defaults).
 ADAM_BETAS = (0.9, 0.999)
@@ -37,17 +39,43 @@ def describe(mode: FallbackMode) -> str:
     return "momentum SGD on the raw gradient (identity preconditioner)"
 
 
-def adam_direction(state: dict[str, Any], grad: Tensor) -> Tensor:
-    """One Adam direction ``m̂ / (√v̂ + ε)`` for ``grad``; updates the moments in ``state``."""
-    beta1, beta2 = ADAM_BETAS
-    if "fallback_exp_avg" not in state:
-        state["fallback_exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        state["fallback_exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        state["fallback_step"] = 0
-    state["fallback_step"] += 1
-    t = state["fallback_step"]
-    m, v = state["fallback_exp_avg"], state["fallback_exp_avg_sq"]
-    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = (v / (1.0 - beta2**t)).sqrt_().add_(ADAM_EPS)
-    return (m / (1.0 - beta1**t)) / denom
+def adam_steps(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], lr: float, wd: float
+) -> None:
+    """One AdamW step of ``params`` (same device and dtype) by torch's own Adam, fused where
+    the device has the fused kernel (one kernel for all of them), else its foreach form, with
+    decoupled weight decay ``wd``. The moments live in ``states`` under :data:`ADAM_STATE`,
+    the step count under ``fallback_step`` (an int, so a checkpoint holds it exactly; torch
+    would cast a tensor to the parameter's dtype on load)."""
+    for state, grad in zip(states, grads, strict=True):
+        if "fallback_exp_avg" not in state:
+            for key in ADAM_STATE:
+                state[key] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            state["fallback_step"] = 0
+    device = params[0].device
+    fused = device.type in _get_fused_kernels_supported_devices()
+    # Torch's Adam counts each step before using it: it gets the counts before this step,
+    # on the device for the fused kernel (no host read of them), on the host for foreach.
+    counts = torch.tensor(
+        [float(s["fallback_step"]) for s in states], device=device if fused else "cpu"
+    )
+    adam(
+        params,
+        grads,
+        [s["fallback_exp_avg"] for s in states],
+        [s["fallback_exp_avg_sq"] for s in states],
+        [],
+        list(counts.unbind(0)),
+        fused=fused,
+        foreach=not fused,
+        decoupled_weight_decay=True,
+        amsgrad=False,
+        beta1=ADAM_BETAS[0],
+        beta2=ADAM_BETAS[1],
+        lr=lr,
+        weight_decay=wd,
+        eps=ADAM_EPS,
+        maximize=False,
+    )
+    for state in states:
+        state["fallback_step"] += 1

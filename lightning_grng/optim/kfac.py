@@ -19,9 +19,10 @@ from lightning_grng.curvature.gradient import (
     split_input_factors,
 )
 from lightning_grng.curvature.inverse import working_dtype
-from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors
+from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors, update_stacked
 from lightning_grng.optim.arguments import documented, hyperparameters
-from lightning_grng.optim.base import GRNGOptimizer, ParamsT, StepGradients
+from lightning_grng.optim.base import BlockItem, GRNGOptimizer, ParamsT, StepGradients
+from lightning_grng.optim.batching import same_keys
 from lightning_grng.optim.damping import DampingArgs, DampingMode, GRForm
 from lightning_grng.optim.lazy_rows import RowUpdate, TouchedRows, touched_rows
 from lightning_grng.optim.routes import (
@@ -106,6 +107,7 @@ class KFAC(GRNGOptimizer):
         split_conv: int | None = None,
         compile: bool = False,
         lazy_rows: bool | None = None,
+        batch_blocks: bool = False,
     ) -> None:
         self._configure(params, hyperparameters(locals()))
 
@@ -176,6 +178,19 @@ class KFAC(GRNGOptimizer):
                 "mode's moments; the kfac mode has none. Use preconditioner='eigen' with it, or "
                 "lazy_rows=None."
             )
+        batch = hp.pop("batch_blocks")
+        if not isinstance(batch, bool):
+            raise TypeError(f"{name}: batch_blocks must be True or False, got {batch!r}.")
+        if batch and not issubclass(route_cls, EigenRoute):
+            raise ValueError(
+                f"{name}: batch_blocks=True batches the eigen mode's statistics and rotations of "
+                "same-shaped blocks; the kfac mode has none. Use preconditioner='eigen' with "
+                "it, or batch_blocks=False."
+            )
+        #: Same-shaped blocks share one batched pass of the gradient statistics and of the
+        #: eigen mode's direction (``optim/batching.py``); False: one block at a time (the
+        #: same arithmetic up to rounding; the tests compare the two).
+        self.batch_blocks = batch
         #: Embeddings updated at O(rows touched) (``optim/lazy_rows.py``).
         self.lazy_rows = issubclass(route_cls, EigenRoute) if lazy is None else lazy
         self.route: Route = route_cls(
@@ -295,17 +310,48 @@ class KFAC(GRNGOptimizer):
         if self.curvature is CurvatureSource.KFAC:
             super()._absorb_statistics(capture, grads)
             return
-        for key, block in self._blocks.items():
-            params = block.params()
-            if not self._owns(key) or any(p not in grads.of for p in params):
-                continue
+        owned = [
+            (key, block)
+            for key, block in self._blocks.items()
+            if self._owns(key) and all(p in grads.of for p in block.params())
+        ]
+        keys = [self._statistics_key(key, block, grads) for key, block in owned]
+        batches, alone = same_keys(keys)
+        for i in alone:
+            key, block = owned[i]
             factors = self.factors(key)
-            V = block.to_matrix(*[grads.of[p] for p in params])
-            A, G, K = self._gradient_statistics(block, V, factors.dtype)
+            A, G, K = self._gradient_statistics(block, grads.matrix(block), factors.dtype)
             if block.diagonal_input:  # each row's squared norm: the lazy update's rows
                 self._row_squares[key] = A[0]
             ok = factors.update(A, G, self.ema_decay, accept=self._readback.step_ok, K_batch=K)
             self._note(~ok, self._rejection_counter(block))
+        for batch in batches:  # same-shaped dense blocks: one batched pass (optim/batching.py)
+            members = [owned[i] for i in batch]
+            factors = [self._factors[key] for key, _ in members]
+            V = torch.stack([grads.matrix(block) for _, block in members])
+            A, G = gradient_factors(V, False, factors[0].dtype)
+            ok = update_stacked(factors, A, G, self.ema_decay, accept=self._readback.step_ok)
+            for (_, block), flag in zip(members, ok.unbind(0), strict=True):
+                self._note(~flag, self._rejection_counter(block))
+
+    def _statistics_key(
+        self, key: str, block: KroneckerBlock, grads: StepGradients
+    ) -> tuple[Any, ...] | None:
+        """Which blocks' gradient statistics are absorbed as one batch: dense factors of equal
+        shapes, updated at least once (None: on its own)."""
+        factors = self._factors.get(key)
+        if (
+            not self.batch_blocks
+            or factors is None
+            or factors.A is None
+            or factors.G is None
+            or factors.K is not None
+            or self._splits(block)
+            or self._diagonal_factors(block)
+        ):
+            return None
+        V = grads.matrix(block)
+        return tuple(V.shape), V.dtype, factors.dtype, factors.A.shape, factors.G.shape
 
     def _update_block(
         self, key: str, block: KroneckerBlock, accumulator: Any, grads: StepGradients
@@ -429,7 +475,7 @@ class KFAC(GRNGOptimizer):
             params = block.params()
             if not self._lazy(key, block) or any(p not in grads.of for p in params):
                 continue
-            V = block.to_matrix(*[grads.of[p] for p in params])
+            V = grads.matrix(block)
             rows, count = touched_rows(V, squares.get(key))
             self._touched[key] = rows
             self._note(count, rows.set_count)
@@ -530,6 +576,56 @@ class KFAC(GRNGOptimizer):
         if ratio is not None:
             self._damping_ratios[block.name] = ratio.mean()
         return U
+
+    def _precondition_blocks(
+        self, owned: list[BlockItem], grads: StepGradients
+    ) -> list[Tensor | RowUpdate | None]:
+        """Same-shaped blocks of the eigen mode get their directions as one batch (batched
+        rotations, one elementwise pass: ``optim/batching.py``), the others one by one."""
+        out: list[Tensor | RowUpdate | None] = [None] * len(owned)
+        batches, alone = same_keys([self._direction_key(*item) for item in owned])
+        for i in alone:
+            out[i] = self._precondition_block(*owned[i], grads)
+        for batch in batches:
+            members = [owned[i] for i in batch]
+            _, first_block, _, group = members[0]
+            damping = self._damping(first_block, group, grads)
+            U, ratio = self.route.stacked_direction(  # type: ignore[attr-defined]
+                [self._factors[key] for key, *_ in members],
+                torch.stack([V for _, _, V, _ in members]),
+                damping,
+                group["momentum"],
+            )
+            mean_ratio = ratio.mean()
+            for i, (_, block, _, _), direction in zip(batch, members, U.unbind(0), strict=True):
+                out[i] = direction
+                self._damping_ratios[block.name] = mean_ratio
+        return out
+
+    def _direction_key(
+        self, key: str, block: KroneckerBlock, V: Tensor, group: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """Which blocks' eigen-mode directions are computed as one batch: both bases dense and
+        of equal shapes, moments of the gradient's shape with equal step counts (their bias
+        corrections are then equal), the same param group (None: on its own)."""
+        factors = self._factors.get(key)
+        if not self.batch_blocks or not hasattr(self.route, "stacked_direction"):
+            return None
+        if factors is None or not factors.ready or key in self._touched:
+            return None
+        Q_A, Q_G, moment = factors.evec_A, factors.evec_G, factors.moment
+        if Q_A is None or Q_G is None or factors.evec_K is not None:
+            return None
+        if moment is None or moment.shape != V.shape or not moment.is_contiguous():
+            return None
+        first = factors.rotated_first_moment
+        counts = (factors.moment_count,)
+        if self.route.first_moment:
+            if first is None or first.shape != V.shape:
+                return None
+            counts += (factors.first_count,)
+        dtypes = (V.dtype, Q_A.dtype, Q_G.dtype, moment.dtype, factors.dtype)
+        return tuple(V.shape), dtypes, Q_A.shape, Q_G.shape, id(group), counts
 
     def _momentum_carried(self, directions: dict[Tensor, Tensor]) -> set[Tensor]:
         """The parameters whose direction already holds the gradient's first moment (the

@@ -95,6 +95,7 @@ class RENG(KFAC):
         split_conv: int | None = None,
         compile: bool = False,
         lazy_rows: bool | None = None,
+        batch_blocks: bool = False,
         gr_norm: str = "squared",
     ) -> None:
         self._configure(params, hyperparameters(locals()))

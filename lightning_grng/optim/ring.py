@@ -83,6 +83,7 @@ class RING(KFAC):
         split_conv: int | None = None,
         compile: bool = False,
         lazy_rows: bool | None = None,
+        batch_blocks: bool = False,
         gr_form: str = "diagonal",
     ) -> None:
         self._configure(params, hyperparameters(locals()))

@@ -300,6 +300,32 @@ class EigenRoute(EighRoute):
         )  # fmt: skip
         return factors.from_eigenbasis(scaled, V.dtype, block.transposed_matrix), ratio
 
+    def stacked_direction(
+        self, members: list[KroneckerFactors], V: Tensor, damping: DampingArgs, beta1: float
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`direction` of k blocks at once (``optim/batching.py``): ``V`` their gradient
+        matrices stacked ``(k, g, n_out, n_in)``; every member with dense bases and moments of
+        the same shapes and step counts, and one param group (so one damping rule). The
+        rotations are batched matmuls and the elementwise stage one pass over all k; each
+        member's moments take their rows of the result. Returns the k directions stacked, and
+        λ·boost per group (the same for every member)."""
+        beta1_kept = beta1 if self.first_moment else None
+        Q_G = torch.stack([f.evec_G for f in members])  # type: ignore[misc]
+        Q_A = torch.stack([f.evec_A for f in members])  # type: ignore[misc]
+        R = Q_G.mT @ V.to(Q_G.dtype) @ Q_A
+        parts = [f.eigen_moments(R[j], self.beta2, beta1_kept) for j, f in enumerate(members)]
+        moment = torch.stack([m for m, _, _ in parts])
+        first = None if beta1_kept is None else torch.stack([m for _, m, _ in parts])  # type: ignore[misc]
+        ratio, relative = eigen_damping(damping, R[0])
+        scaled = self.scale(
+            R, moment, first, ratio, parts[0][2], self.beta2, beta1,
+            relative, damping.rho, damping.gr_form, self.power,
+        )  # fmt: skip
+        torch._foreach_copy_([m for m, _, _ in parts], list(moment.unbind(0)))
+        if first is not None:
+            torch._foreach_copy_([m for _, m, _ in parts], list(first.unbind(0)))  # type: ignore[misc]
+        return (Q_G @ scaled @ Q_A.mT).to(V.dtype), ratio
+
     def _rows_direction(
         self,
         factors: KroneckerFactors,

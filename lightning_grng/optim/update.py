@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_grng.numerics import inner
-from lightning_grng.optim.fallback import adam_direction
+from lightning_grng.optim.fallback import adam_steps
 from lightning_grng.optim.lazy_rows import RowUpdate
 
 
@@ -77,35 +77,67 @@ def apply_directions(
     (``momentum_ema``: the step keeps U's units); U = ``scale`` × the direction. The
     parameters in ``carried`` take U itself (their direction already holds a first moment).
     A :class:`RowUpdate` moves its rows alone; with the template's momentum it is made whole
-    first (that momentum moves every row)."""
+    first (that momentum moves every row). Foreach ops per group and dtype: a few ops for all
+    parameters instead of a few per parameter."""
     for group in param_groups:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        plain: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}  # (params, U)
+        averaged: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}  # (params, m)
+        absorbing: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}  # (m, U)
         for p in group["params"]:
             if p not in directions:
                 continue
             direction = directions[p]
+            momentum = mu > 0.0 and p not in carried
             if isinstance(direction, RowUpdate):
-                if not (mu > 0.0 and p not in carried):
+                if not momentum:
                     _apply_rows(p, direction, scale, lr, wd)
                     continue
                 direction = direction.dense()
             update = direction.to(p.dtype)
-            if mu > 0.0 and p not in carried:
-                update = update.mul(scale)
-                buf = state[p].get("momentum_buffer")
-                if buf is None:
-                    state[p]["momentum_buffer"] = buf = update.clone()
-                else:
-                    buf.mul_(mu).add_(update, alpha=1.0 - mu if momentum_ema else 1.0)
-                update, scale_left = buf, 1.0
+            if not momentum:
+                _append(plain, p.dtype, p, update)
+                continue
+            buf = state[p].get("momentum_buffer")
+            if buf is None:  # the first update starts the buffer at U (once per parameter)
+                factor = scale.to(p.dtype) if isinstance(scale, Tensor) else scale
+                state[p]["momentum_buffer"] = buf = update.mul(factor)
             else:
-                scale_left = scale  # applied in the final fused multiply-add
-            if wd > 0.0:
-                p.mul_(1.0 - lr * wd)
-            if isinstance(scale_left, Tensor):
-                p.addcmul_(update, scale_left.to(p.dtype), value=-lr)
-            else:
-                p.add_(update, alpha=-lr * scale_left)
+                _append(absorbing, p.dtype, buf, update)
+            _append(averaged, p.dtype, p, buf)
+        for dtype, (bufs, updates) in absorbing.items():
+            updates = _scaled(updates, scale, dtype)
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, updates, alpha=1.0 - mu if momentum_ema else 1.0)
+        for dtype, (params, updates) in plain.items():
+            _step(params, _scaled(updates, scale, dtype), lr, wd)
+        for params, bufs in averaged.values():
+            _step(params, bufs, lr, wd)
+
+
+def _append(
+    lists: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]],
+    dtype: torch.dtype,
+    a: Tensor,
+    b: Tensor,
+) -> None:
+    first, second = lists.setdefault(dtype, ([], []))
+    first.append(a)
+    second.append(b)
+
+
+def _scaled(updates: list[Tensor], scale: float | Tensor, dtype: torch.dtype) -> list[Tensor]:
+    """``scale`` × each update (one foreach op; none for a scale of 1)."""
+    if isinstance(scale, Tensor):
+        return list(torch._foreach_mul(updates, scale.to(dtype)))
+    return updates if scale == 1.0 else list(torch._foreach_mul(updates, scale))
+
+
+def _step(params: list[Tensor], updates: list[Tensor], lr: float, wd: float) -> None:
+    """``θ ← θ(1 − lr·wd) − lr·U`` for each parameter."""
+    if wd > 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * wd)
+    torch._foreach_add_(params, updates, alpha=-lr)
 
 
 def _apply_rows(p: Tensor, U: RowUpdate, scale: float | Tensor, lr: float, wd: float) -> None:
@@ -129,11 +161,17 @@ def apply_fallback(
     lr_multiple: float,
 ) -> None:
     """The Adam fallback (``optim/fallback.py``) at ``lr_multiple`` × the group's lr, with
-    decoupled weight decay, for parameters without a preconditioned direction."""
+    decoupled weight decay, for parameters without a preconditioned direction: one foreach
+    Adam step per param group and dtype."""
+    batches: dict[tuple[int, torch.dtype], list[Tensor]] = {}
     for p in params:
-        group = group_of[p]
-        lr = group["lr"] * lr_multiple
-        direction = adam_direction(state[p], grad_of[p].to(p.dtype))
-        if group["weight_decay"] > 0.0:
-            p.mul_(1.0 - lr * group["weight_decay"])
-        p.add_(direction, alpha=-lr)
+        batches.setdefault((id(group_of[p]), p.dtype), []).append(p)
+    for batch in batches.values():
+        group = group_of[batch[0]]
+        adam_steps(
+            batch,
+            [grad_of[p].to(p.dtype) for p in batch],
+            [state[p] for p in batch],
+            group["lr"] * lr_multiple,
+            group["weight_decay"],
+        )
