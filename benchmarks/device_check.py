@@ -152,6 +152,8 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "RING": lambda m: lg.RING(m.parameters(), lr=0.01),
     # issue 22: the eigen arithmetic fused by torch.compile (compiles in the warm-up round)
     "RING-compiled": lambda m: lg.RING(m.parameters(), lr=0.01, compile=True),
+    # same-shaped blocks as one batch: off by default, as it measured no faster on a CPU
+    "RING-batched": lambda m: lg.RING(m.parameters(), lr=0.01, batch_blocks=True),
     "RENG": lambda m: lg.RENG(m.parameters(), lr=0.01),
     "RKalman": lambda m: lg.RKalman(m.parameters(), lr=0.3),
 }

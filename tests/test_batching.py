@@ -71,6 +71,7 @@ def test_same_keys_groups_equal_keys_and_leaves_the_rest_alone():
     "cls, options",
     [
         (lg.KFAC, {}),
+        (lg.KFAC, dict(curvature="kfac", momentum_on="direction", curvature_every=2)),
         (lg.RING, dict(rho=0.5)),
         (lg.RING, dict(rho=0.5, gr_form="preconditioned", weight_decay=0.1)),
         (lg.RING, dict(rho=0.3, gr_form="unsquared", momentum_on="direction")),

@@ -457,3 +457,39 @@ def test_in_place_activation_after_layer_captures_pre_activation_gradient():
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     torch.testing.assert_close(opt.factors("0").G[0], expected)
+
+
+def test_adam_fallback_is_adamw_at_fallback_lr():
+    """Parameters without a block (a LayerNorm, a bare parameter) take torch's AdamW step at
+    fallback_lr × lr, with decoupled weight decay, per param group (float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).double()
+    model.register_parameter("scale", nn.Parameter(torch.ones(4, dtype=torch.float64)))
+    reference = [p.detach().clone().requires_grad_() for p in (model[1].weight, model[1].bias)]
+    scale_ref = model.scale.detach().clone().requires_grad_()
+    groups = [
+        {"params": [*model[0].parameters(), *model[1].parameters()]},
+        {"params": [model.scale], "lr": 0.05, "weight_decay": 0.3},
+    ]
+    opt = lg.RING(groups, lr=0.02, weight_decay=0.1, fallback_lr=0.5)
+    with pytest.warns(UserWarning, match="no Kronecker block"):
+        lg.attach(model, opt)
+    adamw = torch.optim.AdamW(
+        [{"params": reference, "lr": 0.01, "weight_decay": 0.1},
+         {"params": [scale_ref], "lr": 0.025, "weight_decay": 0.3}],
+    )  # fmt: skip
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        opt.zero_grad()
+        (model(x) * model.scale).square().mean().backward()
+        grads = [p.grad.clone() for p in (model[1].weight, model[1].bias, model.scale)]
+        opt.step()
+        for p, grad in zip([*reference, scale_ref], grads, strict=True):
+            p.grad = grad
+        adamw.step()
+    trained = (model[1].weight, model[1].bias, model.scale)
+    for got, want in zip(trained, [*reference, scale_ref], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    state = opt.state_dict()["state"]
+    assert {s["fallback_step"] for s in state.values() if "fallback_step" in s} == {5}

@@ -196,3 +196,24 @@ def test_rotated_first_moment_of_a_split_conv_is_mapped_exactly_at_refreshes():
     Q_A = _block_diag_kron(f.evec_A[0], f.evec_K[0], extra=1)
     expected = f.evec_G[0].T @ m @ Q_A
     torch.testing.assert_close(f.rotated_first_moment[0], expected, rtol=1e-9, atol=1e-13)
+
+
+def test_a_split_conv_never_forms_its_dense_column_factor():
+    """The split side's cost is its factors': no matmul of a step makes the (C·k)² factor of
+    the weight columns (37 × 37 here, with the bias column) that the split replaces."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _conv_net()
+    opt = lg.RING(model.parameters(), split_conv=8, inverse_every=1)
+    lg.attach(model, opt)
+    x, y = _batch()
+    _step(opt, model, x, y)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        _step(opt, model, x, y)
+    outputs = [
+        (shapes[0][-2], shapes[1][-1])
+        for e in prof.events()
+        if e.name in ("aten::mm", "aten::bmm") and len(shapes := e.input_shapes) >= 2
+    ]
+    assert outputs  # the profiler saw the step's matmuls
+    assert all(shape not in ((36, 36), (37, 37)) for shape in outputs), outputs

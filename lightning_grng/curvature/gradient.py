@@ -40,7 +40,11 @@ def split_input_factors(V: Tensor, taps: int, dtype: torch.dtype) -> tuple[Tenso
     neither. Their eigenbases give the weight columns the basis ``Q_A ⊗ Q_K``
     (``docs/algorithms.md`` §8.7)."""
     width = V.shape[-1] - V.shape[-1] % taps
-    W = V[..., :width].to(dtype).reshape(*V.shape[:-1], width // taps, taps)
-    A = torch.einsum("goct,godt->gcd", W, W)
-    K = torch.einsum("goct,gocs->gts", W, W)
-    return A, K
+    *lead, o, _ = V.shape
+    C = width // taps
+    W = V[..., :width].to(dtype).reshape(*lead, o, C, taps)
+    # Each as one matmul per group, on a (C, o·k) copy and a (o·C, k) view: einsum's own
+    # order ran 1.5× and 16× slower on a 512-channel conv.
+    channels = W.transpose(-3, -2).reshape(*lead, C, o * taps)
+    rows = W.reshape(*lead, o * C, taps)
+    return channels @ channels.mT, rows.mT @ rows

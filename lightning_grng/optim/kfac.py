@@ -383,7 +383,8 @@ class KFAC(GRNGOptimizer):
         dense; for a split convolution ``(A, V Vᵀ, K)``, the channel and tap factors."""
         if self._splits(block):
             A, K = split_input_factors(V, block.taps, dtype)
-            return A, gradient_factors(V, False, dtype)[1], K
+            V = V.to(dtype)
+            return A, V @ V.mT, K  # the columns' dense factor (C·k wide) is never formed
         diagonal = self._diagonal_factors(block)
         if "G" not in diagonal:
             return (*gradient_factors(V, "A" in diagonal, dtype), None)
