@@ -364,3 +364,38 @@ def test_kl_clip_binding_is_counted():
     assert counts[1e-12]["kl_clip_bind_rate"] == 1.0 and counts[1e-12]["kl_clip_bound"] == 1.0
     assert counts[1e6]["kl_clip_bind_rate"] == 0.0 and counts[1e6]["kl_clip_bound"] == 0.0
     assert "kl_clip_bind_rate" not in counts[None]
+
+
+def test_a_refresh_maps_both_moments_with_one_change_of_basis_per_side(monkeypatch):
+    """Both moments (second, and the rotated first) are carried with the same ``Q_oldᵀ Q_new``
+    per side, computed once (an n³ matmul each): 3 sides per refresh, not 6. The carried
+    moments equal the public carries'."""
+    from lightning_grng.curvature import kronecker
+
+    f = KroneckerFactors(torch.float64)
+    g = torch.Generator().manual_seed(1)
+    A, G = (
+        torch.randn(1, 4, 4, generator=g, dtype=torch.float64),
+        torch.randn(1, 3, 3, generator=g, dtype=torch.float64),
+    )
+    f.update(
+        A @ A.mT + torch.eye(4, dtype=torch.float64),
+        G @ G.mT + torch.eye(3, dtype=torch.float64),
+        0.9,
+    )
+    f.refresh(kronecker.InverseMethod.EIGH, 0.0, 0)
+    f.moment = torch.rand(1, 3, 4, generator=g, dtype=torch.float64)
+    f.rotated_first_moment = torch.randn(1, 3, 4, generator=g, dtype=torch.float64)
+    old = (f.evec_A, f.evec_G, f.moment, f.rotated_first_moment)
+    B = torch.randn(1, 4, 4, generator=g, dtype=torch.float64)
+    f.update(B @ B.mT, G @ G.mT + torch.eye(3, dtype=torch.float64), 0.5)  # a new basis for A
+    calls = []
+    change = kronecker._change_of_basis
+    monkeypatch.setattr(kronecker, "_change_of_basis", lambda b: calls.append(b) or change(b))
+    f.refresh(kronecker.InverseMethod.EIGH, 0.0, 0)
+    assert len(calls) == 3
+    monkeypatch.undo()
+    bases = (old[0], f.evec_A), (old[1], f.evec_G)
+    torch.testing.assert_close(f.moment, carry_moment(old[2], *bases), rtol=1e-13, atol=0)
+    first = kronecker.carry_first_moment(old[3], *bases)
+    torch.testing.assert_close(f.rotated_first_moment, first, rtol=1e-13, atol=1e-15)

@@ -247,11 +247,12 @@ class KroneckerFactors:
             None if new is None else _keep_last_good(new, prev, take)
             for new, prev in zip(parts, old, strict=True)
         ]
-        bases = (old[1], kept[1]), (old[3], kept[3]), (old[5], kept[5])
-        if self.moment is not None:
-            self.moment = carry_moment(self.moment, *bases)
-        if self.rotated_first_moment is not None:
-            self.rotated_first_moment = carry_first_moment(self.rotated_first_moment, *bases)
+        if self.moment is not None or self.rotated_first_moment is not None:
+            changes = changes_of_basis((old[1], kept[1]), (old[3], kept[3]), (old[5], kept[5]))
+            if self.moment is not None:
+                self.moment = _carry(self.moment, changes, square=True)
+            if self.rotated_first_moment is not None:
+                self.rotated_first_moment = _carry(self.rotated_first_moment, changes, False)
         self.eval_A, self.evec_A, self.eval_G, self.evec_G, self.eval_K, self.evec_K = kept
         self.inv_A = self.inv_G = None
         return self._failed(ok)
@@ -482,18 +483,11 @@ def _transposed(Q: Tensor | None) -> Tensor | None:
     return None if Q is None else Q.transpose(-1, -2)
 
 
-def _overlap_squares(basis: tuple[Tensor | None, Tensor | None]) -> Tensor | None:
-    """``(P∘P)ᵀ`` with ``P = Q_newᵀ Q_old`` for a side whose basis changed; None when there is
-    nothing to carry (no old basis, a diagonal side, or a change of shape)."""
-    change = _change_of_basis(basis)  # Q_oldᵀ Q_new = Pᵀ
-    return None if change is None else change * change
+Basis = tuple[Tensor | None, Tensor | None]
 
 
 def carry_moment(
-    moment: Tensor,
-    basis_A: tuple[Tensor | None, Tensor | None],
-    basis_G: tuple[Tensor | None, Tensor | None],
-    basis_K: tuple[Tensor | None, Tensor | None] = (None, None),
+    moment: Tensor, basis_A: Basis, basis_G: Basis, basis_K: Basis = (None, None)
 ) -> Tensor:
     """The second moment after a basis change ``(old, new)`` of each factor.
 
@@ -505,16 +499,43 @@ def carry_moment(
     the mode's approximation. A missing old basis (the first decomposition) or A stored as its
     diagonal keeps that side.
     """
-    out = moment
-    square_G = _overlap_squares(basis_G)
-    if square_G is not None:
-        out = _left_multiply(square_G.transpose(-1, -2), out.to(square_G.dtype))
-    square_A, square_K = _overlap_squares(basis_A), _overlap_squares(basis_K)
-    split = basis_K[1] is not None
-    if square_A is not None and (not split or square_K is not None):
-        out = input_side(out, square_A, square_K)
-    # A non-finite old basis (a failed first decomposition) carries nothing over.
-    return _finite_or_kept(out.to(moment.dtype), moment)
+    return _carry(moment, changes_of_basis(basis_A, basis_G, basis_K), square=True)
+
+
+def carry_first_moment(
+    m: Tensor, basis_A: Basis, basis_G: Basis, basis_K: Basis = (None, None)
+) -> Tensor:
+    """The rotated first moment after a basis change ``(old, new)`` of each factor, exactly:
+    ``Q_G,newᵀ (Q_G,old m Q_A,oldᵀ) Q_A,new`` (for a split input side, ``Q_A ⊗ Q_K``). Where
+    the result is not finite (a failed first decomposition), the moment is kept."""
+    return _carry(m, changes_of_basis(basis_A, basis_G, basis_K), square=False)
+
+
+def changes_of_basis(
+    basis_A: Basis, basis_G: Basis, basis_K: Basis = (None, None)
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, bool]:
+    """``Q_oldᵀ Q_new`` of each side (A, G, K) whose basis changed (None where there is
+    nothing to map), and whether the input side is split: computed once per refresh for
+    both moments."""
+    return (*(_change_of_basis(b) for b in (basis_A, basis_G, basis_K)), basis_K[1] is not None)
+
+
+def _carry(
+    x: Tensor, changes: tuple[Tensor | None, Tensor | None, Tensor | None, bool], square: bool
+) -> Tensor:
+    """``x`` mapped into the new basis by the changes of basis ``P`` of each side, or by their
+    elementwise squares (``square``: the second moment's diagonal carry). A non-finite result
+    (a non-finite old basis, a failed first decomposition) keeps ``x``."""
+    *maps, split = changes
+    if square:
+        maps = [None if P is None else P * P for P in maps]
+    map_A, map_G, map_K = maps
+    out = x
+    if map_G is not None:
+        out = _left_multiply(map_G.transpose(-1, -2), out.to(map_G.dtype))
+    if map_A is not None and (not split or map_K is not None):
+        out = input_side(out, map_A, map_K)
+    return _finite_or_kept(out.to(x.dtype), x)
 
 
 def _finite_or_kept(new: Tensor, old: Tensor) -> Tensor:
@@ -535,31 +556,12 @@ def _left_multiply(M: Tensor, X: Tensor) -> Tensor:
     return M @ X
 
 
-def _change_of_basis(basis: tuple[Tensor | None, Tensor | None]) -> Tensor | None:
+def _change_of_basis(basis: Basis) -> Tensor | None:
     """``Q_oldᵀ Q_new`` of a side whose basis changed; None when there is nothing to map."""
     old, new = basis
     if old is None or new is None or old.shape != new.shape:
         return None
     return old.to(new.dtype).transpose(-1, -2) @ new
-
-
-def carry_first_moment(
-    m: Tensor,
-    basis_A: tuple[Tensor | None, Tensor | None],
-    basis_G: tuple[Tensor | None, Tensor | None],
-    basis_K: tuple[Tensor | None, Tensor | None] = (None, None),
-) -> Tensor:
-    """The rotated first moment after a basis change ``(old, new)`` of each factor, exactly:
-    ``Q_G,newᵀ (Q_G,old m Q_A,oldᵀ) Q_A,new`` (for a split input side, ``Q_A ⊗ Q_K``). Where
-    the result is not finite (a failed first decomposition), the moment is kept."""
-    out = m
-    map_G = _change_of_basis(basis_G)
-    if map_G is not None:
-        out = _left_multiply(map_G.transpose(-1, -2), out.to(map_G.dtype))
-    map_A, map_K = _change_of_basis(basis_A), _change_of_basis(basis_K)
-    if map_A is not None and (basis_K[1] is None or map_K is not None):
-        out = input_side(out, map_A, map_K)
-    return _finite_or_kept(out.to(m.dtype), m)
 
 
 def _keep_last_good(new: Tensor, previous: Tensor | None, take: Tensor) -> Tensor:
