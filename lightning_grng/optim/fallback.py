@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.adam import adam
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+try:  # torch's own list of the devices with a fused Adam kernel (a private helper)
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices as _fused
+except ImportError:  # pragma: no cover - another torch: the two devices known to have one
+
+    def _fused() -> list[str]:
+        return ["cpu", "cuda"]
+
 
 #: Adam's moment decays and epsilon for the fallback (PyTorch's defaults).
 ADAM_BETAS = (0.9, 0.999)
@@ -53,7 +60,7 @@ def adam_steps(
                 state[key] = torch.zeros_like(grad, memory_format=torch.preserve_format)
             state["fallback_step"] = 0
     device = params[0].device
-    fused = device.type in _get_fused_kernels_supported_devices()
+    fused = device.type in _fused()
     # Torch's Adam counts each step before using it: it gets the counts before this step,
     # on the device for the fused kernel (no host read of them), on the host for foreach.
     counts = torch.tensor(
