@@ -17,6 +17,17 @@ def _seed_and_quiet():
         yield
 
 
+def backward(loss: Tensor, opt: torch.optim.Optimizer) -> None:
+    """The backward pass an optimizer needs: RENG's through the gradient's graph
+    (``regularized_backward``), any other a plain ``loss.backward()``."""
+    import lightning_grng as lg
+
+    if isinstance(opt, lg.RENG):
+        lg.regularized_backward(loss, opt)
+    else:
+        loss.backward()
+
+
 def mlp(dtype: torch.dtype = torch.float64, d_in: int = 5, hidden: int = 4, d_out: int = 3):
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)).to(dtype)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import backward
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -43,10 +44,7 @@ def _train(model: nn.Module, opt: lg.KFAC, steps: int, start: int = 0) -> None:
         y = torch.randint(0, 3, (16,), generator=g)
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
-        if isinstance(opt, lg.RENG):
-            lg.regularized_backward(loss, opt)
-        else:
-            loss.backward()
+        backward(loss, opt)
         opt.step()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import classification_batch, mlp, unvec, vec
+from conftest import backward, classification_batch, mlp, unvec, vec
 from torch import Tensor, nn
 
 import lightning_grng as lg
@@ -50,10 +50,7 @@ def _train(opt_factory, model: nn.Module, batches, scale: float = 1.0):
     for x, y in batches:
         opt.zero_grad()
         loss = scale * nn.functional.cross_entropy(model(x), y)
-        if isinstance(opt, lg.RENG):
-            lg.regularized_backward(loss, opt)
-        else:
-            loss.backward()
+        backward(loss, opt)
         opt.step()
     return opt
 

@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import unvec, vec
+from conftest import backward, unvec, vec
 from torch import Tensor, nn
 
 import lightning_grng as lg
@@ -224,10 +224,7 @@ def _train(opt_factory, model: nn.Module, steps: int, on_step=None, dtype=None, 
             continue
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
-        if isinstance(opt, lg.RENG):
-            lg.regularized_backward(loss, opt)
-        else:
-            loss.backward()
+        backward(loss, opt)
         opt.step()
         if on_step is not None:
             on_step(opt)

@@ -23,7 +23,14 @@ def gradient_factors(V: Tensor, diagonal_input: bool, dtype: torch.dtype) -> tup
     V = V.to(dtype)
     # Column sums of squares as a norm: one pass, no temporary of V's size.
     A = column_squares(V) if diagonal_input else V.transpose(-1, -2) @ V
-    return A, V @ V.transpose(-1, -2)
+    return A, output_factor(V, dtype)
+
+
+def output_factor(V: Tensor, dtype: torch.dtype) -> Tensor:
+    """``V Vᵀ`` per group in ``dtype``: the output side alone (a split input side has its
+    own factors, :func:`split_input_factors`)."""
+    V = V.to(dtype)
+    return V @ V.transpose(-1, -2)
 
 
 def column_squares(V: Tensor) -> Tensor:

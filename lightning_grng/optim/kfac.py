@@ -16,6 +16,7 @@ from lightning_grng.curvature.capture import CurvatureCapture, FactorAccumulator
 from lightning_grng.curvature.gradient import (
     column_squares,
     gradient_factors,
+    output_factor,
     split_input_factors,
 )
 from lightning_grng.curvature.inverse import working_dtype
@@ -161,32 +162,17 @@ class KFAC(GRNGOptimizer):
                 f"{name}: momentum_on='gradient' preconditions the gradient's first moment with "
                 "the eigen mode's second moment; use it with preconditioner='eigen'."
             )
-        compile = hp.pop("compile")
-        if not isinstance(compile, bool):
-            raise TypeError(f"{name}: compile must be True or False, got {compile!r}.")
-        if compile and not issubclass(route_cls, EigenRoute):
-            raise ValueError(
-                f"{name}: compile=True fuses the eigen mode's per-block update; the kfac mode "
-                "has none to fuse. Use preconditioner='eigen' with it, or compile=False."
-            )
-        lazy = hp.pop("lazy_rows")
-        if lazy is not None and not isinstance(lazy, bool):
-            raise TypeError(f"{name}: lazy_rows must be True, False or None, got {lazy!r}.")
-        if lazy and not issubclass(route_cls, EigenRoute):
-            raise ValueError(
-                f"{name}: lazy_rows=True keeps an embedding's untouched rows out of the eigen "
-                "mode's moments; the kfac mode has none. Use preconditioner='eigen' with it, or "
-                "lazy_rows=None."
-            )
-        batch = hp.pop("batch_blocks")
-        if not isinstance(batch, bool):
-            raise TypeError(f"{name}: batch_blocks must be True or False, got {batch!r}.")
-        if batch and not issubclass(route_cls, EigenRoute):
-            raise ValueError(
-                f"{name}: batch_blocks=True batches the eigen mode's statistics and rotations of "
-                "same-shaped blocks; the kfac mode has none. Use preconditioner='eigen' with "
-                "it, or batch_blocks=False."
-            )
+        compile = _eigen_only_flag(
+            name, "compile", hp.pop("compile"), route_cls, "fuses the eigen mode's per-block update"
+        )
+        lazy = _eigen_only_flag(
+            name, "lazy_rows", hp.pop("lazy_rows"), route_cls,
+            "keeps an embedding's untouched rows out of the eigen mode's moments", off=None,
+        )  # fmt: skip
+        batch = _eigen_only_flag(
+            name, "batch_blocks", hp.pop("batch_blocks"), route_cls,
+            "batches the eigen mode's statistics and rotations of same-shaped blocks",
+        )  # fmt: skip
         #: Same-shaped blocks share one batched pass of the gradient statistics and of the
         #: eigen mode's direction (``optim/batching.py``); False: one block at a time (the
         #: same arithmetic up to rounding; the tests compare the two).
@@ -383,8 +369,7 @@ class KFAC(GRNGOptimizer):
         dense; for a split convolution ``(A, V Vᵀ, K)``, the channel and tap factors."""
         if self._splits(block):
             A, K = split_input_factors(V, block.taps, dtype)
-            V = V.to(dtype)
-            return A, V @ V.mT, K  # the columns' dense factor (C·k wide) is never formed
+            return A, output_factor(V, dtype), K  # no dense C·k-wide column factor
         diagonal = self._diagonal_factors(block)
         if "G" not in diagonal:
             return (*gradient_factors(V, "A" in diagonal, dtype), None)
@@ -610,7 +595,7 @@ class KFAC(GRNGOptimizer):
         of equal shapes, moments of the gradient's shape with equal step counts (their bias
         corrections are then equal), the same param group (None: on its own)."""
         factors = self._factors.get(key)
-        if not self.batch_blocks or not hasattr(self.route, "stacked_direction"):
+        if not self.batch_blocks:  # (only the eigen route takes it: refused elsewhere)
             return None
         if factors is None or not factors.ready or key in self._touched:
             return None
@@ -678,6 +663,22 @@ class KFAC(GRNGOptimizer):
 
     def _curvature_store(self) -> dict[str, Any]:
         return self._factors
+
+
+def _eigen_only_flag(
+    owner: str, key: str, value: Any, route: type[Route], purpose: str, off: bool | None = False
+) -> bool | None:
+    """An on/off option that only the eigen mode has, checked: a bool (or None where ``off``
+    is None, "the mode's default"), and not True with another route."""
+    if not (isinstance(value, bool) or (off is None and value is None)):
+        allowed = "True or False" if off is not None else "True, False or None"
+        raise TypeError(f"{owner}: {key} must be {allowed}, got {value!r}.")
+    if value and not issubclass(route, EigenRoute):
+        raise ValueError(
+            f"{owner}: {key}=True {purpose}; the kfac mode has none. Use "
+            f"preconditioner='eigen' with it, or {key}={off}."
+        )
+    return value
 
 
 def _decomposed_width(factors: KroneckerFactors) -> int:
