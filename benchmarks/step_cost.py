@@ -61,6 +61,11 @@ EXTRA_SPECS = {
         _ring("RING-default-compiled", "defaults with compile=True", compile=True),
         _ring("RING-default-batched", "defaults with batch_blocks=True", batch_blocks=True),
         _ring("RING-default-whole", "defaults with every conv factor whole", split_conv=10**9),
+        _ring(
+            "RING-default-unstaggered",
+            "the defaults until 2026-12-07: every first decomposition on the first step",
+            stagger_first=10**9,
+        ),
         _ring("RING-eigen-warm", "refresh='warm'", refresh="warm", **KFAC_STATISTICS),
         _ring("RING-eigen-spread", "stagger_first=1024", stagger_first=1024, **KFAC_STATISTICS),
         _ring("RING-eigen-cap", "max_factor=2048", max_factor=2048, **KFAC_STATISTICS),
@@ -207,6 +212,7 @@ def _row(
         optimizer=optimizer,
         stage=stage,
         mean_ms=round(1000 * statistics.fmean(seconds), 3),
+        median_ms=round(1000 * statistics.median(seconds), 3),
         max_ms=round(1000 * max(seconds), 3),
         first_ms="" if first is None else round(1000 * first, 3),
         ratio_to_adamw="" if ratio is None else round(ratio, 3),
@@ -236,7 +242,7 @@ def _middle_lr(name: str) -> float:
 
 
 def _print(rows: list[dict[str, object]]) -> None:
-    """One line per optimizer and stage: mean and max per step (and the first step)."""
+    """One line per optimizer and stage: mean, median and max per step (and the first step)."""
     for row in rows:
         ratio = row["ratio_to_adamw"]
         extra = f" {ratio:6.2f}x AdamW  first {row['first_ms']:9.1f} ms" if ratio != "" else ""
@@ -244,7 +250,8 @@ def _print(rows: list[dict[str, object]]) -> None:
             extra += f"  state {row['state_x_params']:5.2f}x params"
         print(
             f"{row['task']:20s} {row['optimizer']:18s} {row['stage']:16s} "
-            f"mean {row['mean_ms']:9.2f} ms  max {row['max_ms']:9.2f} ms{extra}",
+            f"mean {row['mean_ms']:9.2f} ms  median {row['median_ms']:9.2f} ms  "
+            f"max {row['max_ms']:9.2f} ms{extra}",
             flush=True,
         )
 

@@ -22,6 +22,7 @@ from lightning_grng.optim.routes import (
     EighRoute,
     NewtonRoute,
     Preconditioner,
+    WarmEigenRoute,
     route_for,
 )
 
@@ -108,6 +109,7 @@ def test_routes_are_chosen_by_preconditioner_and_inverse():
     [
         (lambda p: lg.KFAC(p), EigenRoute, None),
         (lambda p: lg.RING(p), EigenRoute, 0.1),
+        (lambda p: lg.RING(p, refresh="warm"), WarmEigenRoute, 0.1),
         (lambda p: lg.RING(p, preconditioner="kfac"), NewtonRoute, 10.0),
         (lambda p: lg.RING(p, preconditioner="kfac", inverse="eigh"), EighRoute, 10.0),
         (lambda p: lg.RENG(p, preconditioner="kfac"), EighRoute, 0.1),

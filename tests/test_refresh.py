@@ -309,12 +309,50 @@ def test_warm_refresh_is_refused_outside_the_eigen_mode():
         lg.KFAC(nn.Linear(2, 2).parameters(), refresh="sometimes")
 
 
-def test_defaults_keep_the_eigh_route_and_options_off():
-    """The full-eigh eigen route, no stand-in bases; factors over 2048 diagonal (the eigen
-    mode's cap, tests/test_size_policy.py)."""
+def test_defaults_stagger_wide_first_decompositions_in_the_eigen_mode():
+    """The eigen mode's full-eigh route spreads the first decompositions of blocks with
+    factors 512 wide or more; factors over 2048 diagonal (the eigen mode's cap,
+    tests/test_size_policy.py). The kfac mode staggers nothing."""
     opt = lg.RING(nn.Linear(2, 2).parameters())
     assert type(opt.route) is routes.EigenRoute
-    assert opt.stagger_first is None and opt.max_factor == 2048
+    assert opt.stagger_first == 512 and opt.max_factor == 2048
+    opt = lg.RING(nn.Linear(2, 2).parameters(), stagger_first=10**6)
+    assert opt.stagger_first == 10**6
+    kfac = lg.KFAC(nn.Linear(2, 2).parameters(), preconditioner="kfac")
+    assert type(kfac.route) is routes.EighRoute and kfac.stagger_first is None
+
+
+class _EmbeddingNet(nn.Module):
+    """Blocks in registration order (staggered offsets 0, 1, 2 of T = 4): a narrow Linear, a
+    40-row embedding (its input factor diagonal, its output factor 2 wide) and a head whose
+    output factor is 40 wide."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.emb = nn.Embedding(40, 2)
+        self.head = nn.Linear(8, 40)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.relu(self.first(self.emb(ids).flatten(1))))
+
+
+def test_stagger_first_counts_only_the_factors_a_refresh_decomposes():
+    """stagger_first=10 at the first step: the embedding (off its slot) decomposes only its
+    2-wide output factor, so it gets its eigenbasis at once; the head (off its slot, a 40-wide
+    output factor) takes the stand-in basis until its slot."""
+    model = _EmbeddingNet()
+    opt = lg.KFAC(model.parameters(), stagger_first=10, curvature_every=1, inverse_every=4)
+    lg.attach(model, opt, report=False)
+    ids, y = torch.randint(0, 40, (8, 3)), torch.randint(0, 40, (8,))
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(ids), y).backward()
+    opt.step()
+    first, embedding, head = (opt.factors(k) for k in opt._blocks)
+    assert embedding.a_is_diagonal and embedding.A.shape[-1] == 40
+    assert not any(first.full_next) and not any(embedding.full_next)
+    assert head.full_next == [True, True, True]
+    torch.testing.assert_close(head.evec_G, torch.eye(40).expand_as(head.evec_G))
 
 
 def test_a_resumed_run_keeps_its_pending_full_decompositions():

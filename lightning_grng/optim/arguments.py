@@ -65,12 +65,14 @@ DESCRIPTIONS: dict[str, str] = {
     "refresh": "how the eigen mode keeps its eigenbasis: 'eigh' (default: a full "
     "eigendecomposition of every due factor) or 'warm' (one orthogonal-iteration step "
     "Q = qr(F Q) from the previous basis, SOAP's warm start, batched over same-sized factors; "
-    "a full eigh only at a factor's first refresh and after its basis drifted: relative "
-    "off-diagonal mass of Q^T F Q above 0.25). Eigen mode only.",
-    "stagger_first": "None (default) or a width: blocks with a factor at least this wide start "
-    "with a stand-in identity basis (the factors' diagonals as eigenvalues) and get their "
-    "first decomposition on their staggered refresh slot, so no step decomposes every wide "
-    "factor at once (1: every block). eigh-based routes only.",
+    "a full eigh at a factor's first refresh, while gradient statistics may still be "
+    "rank-deficient (fewer updates than the factor's width) and after the basis drifted: "
+    "relative off-diagonal mass of Q^T F Q above 0.25). Eigen mode only.",
+    "stagger_first": "a width: blocks that decompose a factor at least this wide start with "
+    "a stand-in identity basis (the factors' diagonals as eigenvalues) and get their first "
+    "decomposition on their staggered refresh slot, so no step decomposes every wide factor "
+    "at once (1: every block; a width above every factor: off). eigh-based routes only. "
+    "None: 512 in the eigen mode, off in the kfac mode.",
     "max_factor": "None (default) or a width: a Kronecker factor wider than this is kept as "
     "its diagonal (its eigenbasis the identity, like an embedding's input factor), so it is "
     "never decomposed. eigh-based routes only. None: 2048 in the eigen mode (an LM head's "

@@ -54,6 +54,11 @@ SPLIT_CONV = 512
 #: (an LM head's vocabulary side: 50,257 wide for GPT-2, a 10 GB dense factor), as heavyball's
 #: SOAP keeps dimensions above its ``max_precond_dim`` (2048) unrotated.
 EIGEN_MAX_FACTOR = 2048
+#: Default ``stagger_first`` of the eigen mode: a block that decomposes a factor at least this
+#: wide gets its first eigenbasis on its staggered slot, so the first step does not decompose
+#: every wide factor at once (GPT-2-shaped, scaled: first step 3.4x the median step without it,
+#: 1.0x with it; benchmarks/results/step_cost/). No benchmark model has a factor this wide.
+EIGEN_STAGGER_FIRST = 512
 
 
 @documented
@@ -152,8 +157,9 @@ class KFAC(GRNGOptimizer):
         self.stagger_first, self.max_factor = check_basis_options(
             name, route_cls, hp.pop("stagger_first"), hp.pop("max_factor")
         )
-        if self.max_factor is None and issubclass(route_cls, EigenRoute):
-            self.max_factor = EIGEN_MAX_FACTOR
+        if issubclass(route_cls, EigenRoute):
+            self.max_factor = self.max_factor or EIGEN_MAX_FACTOR
+            self.stagger_first = self.stagger_first or EIGEN_STAGGER_FIRST
         self.split_conv = self._split_option(name, hp.pop("split_conv"))
         momentum_on = hp.pop("momentum_on") or ("gradient" if eigen else "direction")
         self.momentum_on = check_choice(name, "momentum_on", momentum_on, MomentumOn)
@@ -404,12 +410,13 @@ class KFAC(GRNGOptimizer):
         offset = index * period // max(len(self._blocks), 1) if self.stagger else 0
         return (self.grng_step + offset) % period == 0
 
-    def _stand_in_first(self, index: int, block: KroneckerBlock) -> bool:
-        """``stagger_first``: a block with a factor at least that wide, refreshed for the first
-        time off its staggered slot, takes a stand-in basis (no decomposition) until the slot,
-        so the first decompositions are spread like the later ones."""
+    def _stand_in_first(self, index: int, block: KroneckerBlock, factors: KroneckerFactors) -> bool:
+        """``stagger_first``: a block that decomposes a factor at least that wide (one kept as
+        its diagonal does not count), refreshed for the first time off its staggered slot,
+        takes a stand-in basis (no decomposition) until the slot, so the first decompositions
+        are spread like the later ones."""
         width = self.stagger_first
-        if width is None or max(block.n_in, block.n_out) < width:
+        if width is None or _decomposed_width(factors) < width:
             return False
         return not self._refresh_due(index, block)
 
@@ -423,7 +430,7 @@ class KFAC(GRNGOptimizer):
                 continue
             if not factors.ready or self._refresh_due(index, block):
                 damping = self._damping(block, group_of[block.weight], grads)
-                stand_in = not factors.ready and self._stand_in_first(index, block)
+                stand_in = not factors.ready and self._stand_in_first(index, block, factors)
                 due.append(Due(block, factors, damping, stand_in, self._rank_bound(block, factors)))
         self._announce_wide(due)
         with record_function("grng.refresh.route"):

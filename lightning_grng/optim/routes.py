@@ -376,6 +376,13 @@ class WarmEigenRoute(EigenRoute):
         previous = (d.factors.evec_A, d.factors.evec_G, d.factors.evec_K)[side]
         if kind != FULL or previous is None or previous.shape != M.shape:
             return kind
+        # A factor that may still be rank-deficient has a null space whose warm-started basis
+        # is whatever rounding makes of the near-zero columns of F Q: runs that differ only in
+        # rounding (a DDP split, batched blocks) would rotate the next gradients differently.
+        # Such a side is decomposed in full and its null-space basis settled, as the eigh
+        # route does, until the factor has had as many updates as it is wide.
+        if d.rank_bound[side] is not None:
+            return FULL
         return FULL if d.factors.full_next[side] else WARM
 
     def _warm(self, pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor, Tensor]]:
