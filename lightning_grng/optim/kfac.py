@@ -56,8 +56,9 @@ SPLIT_CONV = 512
 EIGEN_MAX_FACTOR = 2048
 #: Default ``stagger_first`` of the eigen mode: a block that decomposes a factor at least this
 #: wide gets its first eigenbasis on its staggered slot, so the first step does not decompose
-#: every wide factor at once (GPT-2-shaped, scaled: first step 3.4x the median step without it,
-#: 1.0x with it; benchmarks/results/step_cost/). No benchmark model has a factor this wide.
+#: every wide factor at once (GPT-2-shaped, scaled: first step 4.1x the median step without it,
+#: 1.2x with it; benchmarks/results/step_cost/stagger.md). No benchmark model has a factor
+#: this wide.
 EIGEN_STAGGER_FIRST = 512
 
 
