@@ -220,8 +220,8 @@ def test_default_step_is_invariant_to_the_loss_scale_from_a_rank_deficient_start
     """Loss × 1000 at the defaults: D scales by 10⁶, the rotated moments by 10³, and the
     first refresh's null-space basis is the same, so every step is unchanged (without the
     settled basis the runs drifted apart by 2e-2). The warm route too: while a factor may be
-    rank-deficient its refreshes are full and settled (a warm step's null-space basis is
-    whatever rounding makes of the near-zero columns of F Q)."""
+    rank-deficient its refreshes are full and settled (a case where a warm step there moves
+    the basis with rounding is in tests/test_batching.py)."""
     g = torch.Generator().manual_seed(11)
     batches = [(torch.randn(8, 5, generator=g, dtype=F64), torch.randint(0, 3, (8,), generator=g))
                for _ in range(6)]  # fmt: skip
