@@ -13,7 +13,6 @@ validation accuracy, with the option at its default and off (a width above every
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 
 import lightning_grng as lg
 from benchmarks import harness
+from benchmarks.suite import _write_csv
 
 OFF = 10**9
 
@@ -75,10 +75,7 @@ def main() -> None:
                 flush=True,
             )
     if args.out is not None:
-        with args.out.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        _write_csv(args.out, list(rows[0]), rows)
 
 
 if __name__ == "__main__":
