@@ -665,7 +665,8 @@ DENSE_ROWS: tuple[OptimizerSpec, ...] = (
 
 #: Issue 22: the defaults with cheaper curvature upkeep, for the quality side of their step
 #: cost: gradient statistics every second or third step, the basis kept by a warm start, and
-#: statistics every second step with the warm start.
+#: statistics every second step with the warm start; and each weight preconditioned on one
+#: side only (its narrower side: optimizer state <= 4x the parameters; or its input side).
 COST_STUDY: tuple[OptimizerSpec, ...] = tuple(
     _variant(
         f"RING-default-{suffix}",
@@ -679,6 +680,8 @@ COST_STUDY: tuple[OptimizerSpec, ...] = tuple(
         ("stats3", dict(curvature_every=3), "curvature_every=3 (statistics every third step)"),
         ("warm", dict(refresh="warm"), "refresh='warm' (basis by orthogonal iteration)"),
         ("lean", dict(curvature_every=2, refresh="warm"), "curvature_every=2, refresh='warm'"),
+        ("one-sided", dict(one_sided="narrower"), "one_sided='narrower' (narrower side only)"),
+        ("input-side", dict(one_sided="input"), "one_sided='input' (input side only)"),
     )
 )
 

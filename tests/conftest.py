@@ -113,3 +113,16 @@ def teacher_data(n: int = 256, dtype: torch.dtype = torch.float32):
     x = torch.randn(n, 1, 6, 6, generator=g, dtype=dtype)
     w = torch.randn(36, 3, generator=g, dtype=dtype)
     return x, (x.flatten(1) @ w).argmax(1)
+
+
+def dense_eigen_steps(QA: Tensor, QG: Tensor, grads, lr, beta2, damping):
+    """The eigen mode with the explicit Kronecker basis ``Q_A ⊗ Q_G`` (power ½)."""
+    Q = torch.kron(QA.contiguous(), QG.contiguous())
+    m = torch.zeros(Q.shape[0], dtype=QA.dtype)
+    steps = []
+    for t, V in enumerate(grads, start=1):
+        r = Q.T @ vec(V)
+        m = beta2 * m + (1 - beta2) * r * r
+        d = m / (1 - beta2**t)
+        steps.append(-lr * unvec(Q @ (r * (d + damping * d.mean()) ** -0.5), *V.shape))
+    return steps

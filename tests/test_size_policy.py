@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import dense_kfac_update, unvec, vec
+from conftest import dense_eigen_steps, dense_kfac_update
 from torch import Tensor, nn
 
 import lightning_grng as lg
@@ -50,19 +50,6 @@ def _run(model: nn.Module, steps: int = 5, **kw):
     return opt, grads, weights
 
 
-def _dense_eigen_steps(QA: Tensor, QG: Tensor, grads, lr, beta2, damping):
-    """The eigen mode with the explicit Kronecker basis ``Q_A ⊗ Q_G`` (power ½)."""
-    Q = torch.kron(QA.contiguous(), QG.contiguous())
-    m = torch.zeros(Q.shape[0], dtype=F64)
-    steps = []
-    for t, V in enumerate(grads, start=1):
-        r = Q.T @ vec(V)
-        m = beta2 * m + (1 - beta2) * r * r
-        d = m / (1 - beta2**t)
-        steps.append(-lr * unvec(Q @ (r * (d + damping * d.mean()) ** -0.5), *V.shape))
-    return steps
-
-
 @pytest.mark.parametrize("cap", [6, 100])
 @pytest.mark.parametrize("refresh", ["eigh", "warm"])
 def test_a_factor_under_the_cap_is_unchanged_bit_for_bit(cap, refresh):
@@ -90,7 +77,7 @@ def test_a_factor_over_the_cap_is_diagonal_and_the_step_is_the_dense_one(cap, di
     first, _, _ = _run(_one_layer(), steps=1, **kw)
     G0 = first.factors("0").G[0]
     QG = torch.eye(3, dtype=F64) if "G" in diagonal else torch.linalg.eigh(G0)[1]
-    dense = _dense_eigen_steps(torch.eye(6, dtype=F64), QG, grads, 0.05, 0.9, 1e-2)
+    dense = dense_eigen_steps(torch.eye(6, dtype=F64), QG, grads, 0.05, 0.9, 1e-2)
     for t, step in enumerate(dense):
         torch.testing.assert_close(weights[t + 1] - weights[t], step, rtol=1e-9, atol=1e-12)
 

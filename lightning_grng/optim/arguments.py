@@ -82,6 +82,12 @@ DESCRIPTIONS: dict[str, str] = {
     "over channels (C_in) and kernel taps (kh*kw), per tensor dimension as Shampoo and SOAP "
     "do, instead of one dense factor. None: 512 with gradient statistics (off with K-FAC "
     "statistics, where setting it is an error).",
+    "one_sided": "precondition each weight on one side only, the other side's factor kept as "
+    "its diagonal (an identity eigenbasis, never decomposed or rotated): 'input' keeps the "
+    "input side A (the weight's columns), 'narrower' keeps the narrower side, so a block's "
+    "state is at most its two moments plus twice its weight (optimizer state <= 4x the "
+    "parameters; 'input' keeps the input side on a tie). Split convolutions and blocks with a "
+    "side already diagonal are unchanged. eigh-based routes only. None (default): both sides.",
     "compile": "run the eigen mode's per-block arithmetic between the two rotations (moments, "
     "damped curvature, power) through torch.compile, fused into one or two loops (default "
     "False: eager). The first steps pay the compile (seconds to a minute); if compiling fails "

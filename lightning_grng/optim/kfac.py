@@ -33,6 +33,8 @@ from lightning_grng.optim.routes import (
     Due,
     EigenRoute,
     MomentumOn,
+    NewtonRoute,
+    OneSided,
     Preconditioner,
     Route,
     check_basis_options,
@@ -112,6 +114,7 @@ class KFAC(GRNGOptimizer):
         stagger_first: int | None = None,
         max_factor: int | None = None,
         split_conv: int | None = None,
+        one_sided: str | None = None,
         compile: bool = False,
         lazy_rows: bool | None = None,
         batch_blocks: bool = False,
@@ -162,6 +165,8 @@ class KFAC(GRNGOptimizer):
             self.max_factor = self.max_factor or EIGEN_MAX_FACTOR
             self.stagger_first = self.stagger_first or EIGEN_STAGGER_FIRST
         self.split_conv = self._split_option(name, hp.pop("split_conv"))
+        #: Precondition each block on one side only (the other kept diagonal); None: both.
+        self.one_sided = self._one_sided_option(name, hp.pop("one_sided"), route_cls)
         momentum_on = hp.pop("momentum_on") or ("gradient" if eigen else "direction")
         self.momentum_on = check_choice(name, "momentum_on", momentum_on, MomentumOn)
         if self.momentum_on is MomentumOn.GRADIENT and not issubclass(route_cls, EigenRoute):
@@ -232,6 +237,21 @@ class KFAC(GRNGOptimizer):
                 "it needs curvature='gradient' (K-FAC statistics keep the patch factor whole)."
             )
         return value
+
+    @staticmethod
+    def _one_sided_option(name: str, value: str | None, route: type[Route]) -> OneSided | None:
+        """``one_sided`` checked: None, or a side rule with an eigh-based route (a diagonal
+        side is an eigenbasis; Newton–Schulz keeps none)."""
+        if value is None:
+            return None
+        rule = check_choice(name, "one_sided", value, OneSided)
+        if route is NewtonRoute:
+            raise ValueError(
+                f"{name}: one_sided={rule.value!r} keeps a side's factor as its diagonal, an "
+                "eigenbasis that the Newton–Schulz route does not keep; use inverse='eigh' (or "
+                "the eigen mode) with it, or one_sided=None."
+            )
+        return rule
 
     @property
     def beta2(self) -> float:
@@ -351,22 +371,22 @@ class KFAC(GRNGOptimizer):
     ) -> Tensor:
         if self._used_elsewhere(key, block, accumulator):
             return torch.ones((), dtype=torch.bool, device=block.weight.device)
-        A, G = self._size_policy(*accumulator.averaged(LossReduction(self.loss_reduction)))
+        A, G = accumulator.averaged(LossReduction(self.loss_reduction))
+        A, G = self._size_policy(block, A, G)
         # Non-finite statistics (and a step that turns out skipped) leave the factors as they
         # were; decided on the device, counted at the step's read-back.
         return self.factors(key).update(A, G, self.ema_decay, accept=self._readback.step_ok)
 
-    def _size_policy(self, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
-        """``max_factor``: a factor wider than it is kept as its diagonal ``(groups, n)`` (its
-        eigenbasis the identity, like an embedding's A); the others pass unchanged."""
-        cap = self.max_factor
-        if cap is None:
-            return A, G
+    def _size_policy(self, block: KroneckerBlock, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+        """The factors :meth:`_diagonal_factors` names are kept as their diagonal
+        ``(groups, n)`` (their eigenbasis the identity, like an embedding's A); the others pass
+        unchanged."""
+        diagonal = self._diagonal_factors(block)
         return tuple(  # type: ignore[return-value]
             torch.diagonal(F, dim1=-2, dim2=-1).contiguous()
-            if F.dim() == 3 and F.shape[-1] > cap
+            if key in diagonal and F.dim() == 3
             else F
-            for F in (A, G)
+            for key, F in (("A", A), ("G", G))
         )
 
     def _gradient_statistics(
@@ -391,10 +411,19 @@ class KFAC(GRNGOptimizer):
         return cap is not None and block.taps > 1 and block.n_in - block.has_bias > cap
 
     def _diagonal_factors(self, block: KroneckerBlock) -> tuple[str, ...]:
-        """The factors of ``block`` stored as their diagonal (``"A"``, ``"G"``)."""
+        """The factors of ``block`` stored as their diagonal (``"A"``, ``"G"``): an
+        embedding's A, a factor wider than ``max_factor`` and, with ``one_sided``, the side it
+        does not keep of a block whose two sides are dense (a split convolution's sides are
+        per dimension and stay)."""
         cap = math.inf if self.max_factor is None else self.max_factor
-        a_diagonal = block.diagonal_input or (block.n_in > cap and not self._splits(block))
-        return ("A",) * a_diagonal + ("G",) * (block.n_out > cap)
+        split = self._splits(block)
+        a_diagonal = block.diagonal_input or (block.n_in > cap and not split)
+        g_diagonal = block.n_out > cap
+        if self.one_sided is not None and not (a_diagonal or g_diagonal or split):
+            # "narrower" keeps the input side on a tie.
+            a_diagonal = self.one_sided is OneSided.NARROWER and block.n_in > block.n_out
+            g_diagonal = not a_diagonal
+        return ("A",) * a_diagonal + ("G",) * g_diagonal
 
     # ------------------------------------------------------------------ refresh
     def _refresh_due(self, index: int, block: KroneckerBlock) -> bool:

@@ -81,6 +81,7 @@ class RING(KFAC):
         stagger_first: int | None = None,
         max_factor: int | None = None,
         split_conv: int | None = None,
+        one_sided: str | None = None,
         compile: bool = False,
         lazy_rows: bool | None = None,
         batch_blocks: bool = False,

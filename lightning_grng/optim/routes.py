@@ -77,6 +77,17 @@ SOURCE_DEFAULTS: dict[CurvatureSource, dict[str, int]] = {
 }
 
 
+class OneSided(str, Enum):
+    """Which side of each weight keeps its factor (the optimizers' ``one_sided``); the other
+    is kept as its diagonal, an identity eigenbasis."""
+
+    #: The input side (A, the weight's columns): the side that carried the curvature's benefit
+    #: on the benchmark models (docs/defaults.md).
+    INPUT = "input"
+    #: The narrower side: the state is at most twice the weight plus its two moments (4x).
+    NARROWER = "narrower"
+
+
 class BasisRefresh(str, Enum):
     """How the eigen mode keeps its eigenbasis up to date (the optimizers' ``refresh``)."""
 
