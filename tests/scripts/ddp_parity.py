@@ -46,6 +46,8 @@ def make_optimizer(name: str, params):
         )  # fmt: skip
     if name == "RING-gradient":  # the defaults: the owner forms gradient statistics from .grad
         return lg.RING(params, lr=0.05, inverse_every=2)
+    if name == "RING-one-sided":  # the input side (width + 1) kept as its diagonal
+        return lg.RING(params, lr=0.05, inverse_every=2, one_sided="narrower")
     if name == "RKalman":
         # rows >= the global batch: the owner absorbs exactly the rows the 1-process run does.
         return lg.RKalman(
@@ -107,7 +109,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--optimizers", default="KFAC,RING,RENG,RKalman,RING-eigen,RING-gradient")
+    parser.add_argument(
+        "--optimizers", default="KFAC,RING,RENG,RKalman,RING-eigen,RING-gradient,RING-one-sided"
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--layers", type=int, default=4)
