@@ -84,9 +84,9 @@ DESCRIPTIONS: dict[str, str] = {
     "statistics, where setting it is an error).",
     "one_sided": "precondition each weight on one side only, the other side's factor kept as "
     "its diagonal (an identity eigenbasis, never decomposed or rotated): 'input' keeps the "
-    "input side A (the weight's columns), 'narrower' keeps the narrower side, so a block's "
-    "state is at most its two moments plus twice its weight (optimizer state <= 4x the "
-    "parameters; 'input' keeps the input side on a tie). Split convolutions and blocks with a "
+    "input side A (the weight's columns), 'narrower' keeps the narrower side (the input side "
+    "on a tie), so a block's state is at most its two moments plus twice its weight "
+    "(optimizer state <= 4x the parameters). Split convolutions and blocks with a "
     "side already diagonal are unchanged. eigh-based routes only. None (default): both sides.",
     "compile": "run the eigen mode's per-block arithmetic between the two rotations (moments, "
     "damped curvature, power) through torch.compile, fused into one or two loops (default "
