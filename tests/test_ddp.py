@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 import lightning_grng as lg
-from lightning_grng.distributed import assign_owners, block_cost, rank_loads
+from lightning_grng.distributed import Sharding, assign_owners, block_cost, rank_loads
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "ddp_parity.py"
@@ -67,6 +67,35 @@ def test_assign_owners_one_big_block_gets_a_rank_alone():
 
 def test_block_cost_is_factor_sizes_cubed():
     assert block_cost(2, 3, 4) == 2 * (27 + 64)
+    assert block_cost(2, 3, 4, diagonal_in=True, diagonal_out=True) == 2 * (3 + 4)
+
+
+def _owners(opt: torch.optim.Optimizer, model: nn.Module) -> list[int]:
+    """The owners a rank of 2 assigns (a pure function: no process group needed)."""
+    lg.attach(model, opt, report=False)
+    opt.use_sharding(Sharding(rank=0, world_size=2))
+    sharding = opt._sharding_bound()
+    return [sharding.owners[key] for key in opt.blocks]
+
+
+def test_owners_are_balanced_on_the_factors_the_optimizer_decomposes():
+    """A 512-wide input side takes a rank alone while it is decomposed; kept as its diagonal
+    (one_sided) it costs its width, and the blocks spread over both ranks."""
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(511, 8), *(nn.Linear(8, 8) for _ in range(3)))
+
+    both = model()
+    assert _owners(lg.RING(both.parameters()), both) == [0, 1, 1, 1]
+    one = model()
+    opt = lg.RING(one.parameters(), one_sided="narrower")
+    assert _owners(opt, one) == [0, 1, 1, 0]
+    assert [opt._refresh_cost(b) for b in opt.blocks.values()] == [512 + 512] + [9 + 512] * 3
+    # A split convolution: channel and tap factors (4³ + 9³) and its output side (8³).
+    conv = nn.Conv2d(4, 8, 3)
+    split = lg.RING(conv.parameters(), split_conv=1)
+    lg.attach(conv, split, report=False)
+    assert [split._refresh_cost(b) for b in split.blocks.values()] == [4**3 + 9**3 + 8**3]
 
 
 # ---------------------------------------------------------------------------- guards in-process

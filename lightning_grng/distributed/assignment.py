@@ -12,11 +12,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def block_cost(groups: int, n_in: int, n_out: int, diagonal_in: bool = False) -> float:
+def block_cost(
+    groups: int, n_in: int, n_out: int, diagonal_in: bool = False, diagonal_out: bool = False
+) -> float:
     """Modelled cost of one block: the factor sizes cubed (inversion / filter update); a
-    diagonal input factor (an embedding's) costs its size, not its cube."""
+    factor kept as its diagonal (an embedding's input side, ``max_factor``, ``one_sided``)
+    costs its size, not its cube."""
     a_cost = float(n_in) if diagonal_in else float(n_in) ** 3
-    return float(groups) * (a_cost + float(n_out) ** 3)
+    g_cost = float(n_out) if diagonal_out else float(n_out) ** 3
+    return float(groups) * (a_cost + g_cost)
 
 
 def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:

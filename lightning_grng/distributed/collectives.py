@@ -9,6 +9,7 @@ rank never leaves another rank waiting in a collective. ``docs/distributed.md`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,11 @@ from lightning_grng.curvature.capture import FactorAccumulator
 from lightning_grng.curvature.inverse import working_dtype
 from lightning_grng.curvature.kalman import KalmanAccumulator
 from lightning_grng.distributed.assignment import assign_owners, block_cost
+
+
+def shape_cost(block: KroneckerBlock) -> float:
+    """:func:`block_cost` of a block's shape, its input side diagonal if it is an embedding's."""
+    return block_cost(block.groups, block.n_in, block.n_out, block.diagonal_input)
 
 
 @dataclass
@@ -43,12 +49,19 @@ class Sharding:
     group: Any = None
     owners: dict[str, int] = field(default_factory=dict)
 
-    def bind(self, blocks: dict[str, KroneckerBlock]) -> None:
-        """Assigns the owners of ``blocks`` (a pure function of their shapes: no communication)."""
+    def bind(
+        self,
+        blocks: dict[str, KroneckerBlock],
+        cost: Callable[[KroneckerBlock], float] | None = None,
+    ) -> None:
+        """Assigns the owners of ``blocks`` (a pure function of their shapes and the
+        optimizer's settings, the same on every rank: no communication). ``cost``: a block's
+        modelled refresh cost (default :func:`shape_cost`)."""
         if set(self.owners) == set(blocks):
             return
+        cost = cost or shape_cost
         keys = list(blocks)
-        costs = [block_cost(b.groups, b.n_in, b.n_out, b.diagonal_input) for b in blocks.values()]
+        costs = [cost(b) for b in blocks.values()]
         self.owners = dict(zip(keys, assign_owners(costs, self.world_size), strict=True))
 
     def owns(self, key: str) -> bool:

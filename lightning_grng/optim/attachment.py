@@ -10,6 +10,7 @@ from torch.optim import Optimizer
 
 from lightning_grng.curvature.block import KroneckerBlock
 from lightning_grng.curvature.capture import CurvatureCapture
+from lightning_grng.distributed.collectives import shape_cost
 
 
 class AttachmentMixin(Optimizer):
@@ -130,8 +131,14 @@ class AttachmentMixin(Optimizer):
     def _sharding_bound(self) -> Any:
         """The sharding, bound to the current blocks; None in a single process."""
         if self._sharding is not None:
-            self._sharding.bind(self._blocks)
+            self._sharding.bind(self._blocks, self._refresh_cost)
         return self._sharding
+
+    def _refresh_cost(self, block: KroneckerBlock) -> float:
+        """The modelled refresh cost of ``block`` that balances owners across ranks: its
+        shape's (:func:`~lightning_grng.distributed.collectives.shape_cost`); an optimizer that
+        keeps other factors diagonal or split says so by overriding this."""
+        return shape_cost(block)
 
     def _owns(self, key: str) -> bool:
         """Whether this process keeps block ``key``'s curvature (always, in one process)."""

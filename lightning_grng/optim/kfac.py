@@ -21,6 +21,7 @@ from lightning_grng.curvature.gradient import (
 )
 from lightning_grng.curvature.inverse import working_dtype
 from lightning_grng.curvature.kronecker import InverseMethod, KroneckerFactors, update_stacked
+from lightning_grng.distributed.assignment import block_cost
 from lightning_grng.optim.arguments import documented, hyperparameters
 from lightning_grng.optim.base import BlockItem, GRNGOptimizer, ParamsT, StepGradients
 from lightning_grng.optim.batching import same_keys
@@ -424,6 +425,16 @@ class KFAC(GRNGOptimizer):
             a_diagonal = self.one_sided is OneSided.NARROWER and block.n_in > block.n_out
             g_diagonal = not a_diagonal
         return ("A",) * a_diagonal + ("G",) * g_diagonal
+
+    def _refresh_cost(self, block: KroneckerBlock) -> float:
+        """The cost that balances owners across DDP ranks: a side kept as its diagonal costs
+        its width, a split convolution's input side its channel and tap factors cubed."""
+        diagonal = self._diagonal_factors(block)
+        cost = block_cost(block.groups, block.n_in, block.n_out, "A" in diagonal, "G" in diagonal)
+        if self._splits(block):  # replace the dense input side by its two factors
+            channels = (block.n_in - block.has_bias) // block.taps
+            cost += block.groups * (channels**3 + block.taps**3 - block.n_in**3)
+        return cost
 
     # ------------------------------------------------------------------ refresh
     def _refresh_due(self, index: int, block: KroneckerBlock) -> bool:
