@@ -115,8 +115,10 @@ def teacher_data(n: int = 256, dtype: torch.dtype = torch.float32):
     return x, (x.flatten(1) @ w).argmax(1)
 
 
-def dense_eigen_steps(QA: Tensor, QG: Tensor, grads, lr, beta2, damping):
-    """The eigen mode with the explicit Kronecker basis ``Q_A ⊗ Q_G`` (power ½)."""
+def dense_eigen_steps(QA: Tensor, QG: Tensor, grads, lr, beta2, damping, power=0.5, gr=None):
+    """The eigen mode with the explicit Kronecker basis ``Q = Q_A ⊗ Q_G``: ``r = Qᵀ vec(V)``,
+    ``d`` the bias-corrected EMA of ``r²``, ``u = Q (d + λ·mean(d) + gr(d, r))^-p r`` (``gr``:
+    the GR curvature of the optimizer under test, None for none)."""
     Q = torch.kron(QA.contiguous(), QG.contiguous())
     m = torch.zeros(Q.shape[0], dtype=QA.dtype)
     steps = []
@@ -124,5 +126,8 @@ def dense_eigen_steps(QA: Tensor, QG: Tensor, grads, lr, beta2, damping):
         r = Q.T @ vec(V)
         m = beta2 * m + (1 - beta2) * r * r
         d = m / (1 - beta2**t)
-        steps.append(-lr * unvec(Q @ (r * (d + damping * d.mean()) ** -0.5), *V.shape))
+        curvature = d + damping * d.mean()
+        if gr is not None:
+            curvature = curvature + gr(d, r)
+        steps.append(-lr * unvec(Q @ (r * curvature ** (-power)), *V.shape))
     return steps

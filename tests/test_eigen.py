@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import backward, classification_batch, mlp, unvec, vec
+from conftest import backward, classification_batch, dense_eigen_steps, mlp, unvec, vec
 from torch import Tensor, nn
 
 import lightning_grng as lg
@@ -69,21 +69,14 @@ def _dense_gr(d: Tensor, r: Tensor, rho: float, form: str) -> Tensor:
 
 
 def _dense_eigen_steps(A, G, grads, lr, beta2, damping, power, rho=0.0, form="diagonal"):
-    """The eigen mode's updates with explicit Kronecker products: ``Q = Q_A ⊗ Q_G``,
-    ``r = Qᵀ vec(V)``, ``d`` the bias-corrected EMA of ``r²``,
-    ``u = Q (d + λ·mean(d) + GR)^-p r`` (GR: :func:`_dense_gr`)."""
-    _, QA = torch.linalg.eigh(A)
-    _, QG = torch.linalg.eigh(G)
-    Q = torch.kron(QA, QG)
-    m = torch.zeros(Q.shape[0], dtype=A.dtype)
-    steps = []
-    for t, V in enumerate(grads, start=1):
-        r = Q.T @ vec(V)
-        m = beta2 * m + (1 - beta2) * r * r
-        d = m / (1 - beta2**t)
-        curvature = d + damping * d.mean() + _dense_gr(d, r, rho, form)
-        steps.append(-lr * unvec(Q @ (r * curvature ** (-power)), *V.shape))
-    return steps
+    """:func:`conftest.dense_eigen_steps` in the eigenbases of ``A`` and ``G``, with the GR
+    curvature :func:`_dense_gr`."""
+    QA, QG = torch.linalg.eigh(A)[1], torch.linalg.eigh(G)[1]
+
+    def gr(d: Tensor, r: Tensor) -> Tensor:
+        return _dense_gr(d, r, rho, form)
+
+    return dense_eigen_steps(QA, QG, grads, lr, beta2, damping, power, gr)
 
 
 def _weights(model: nn.Module) -> Tensor:

@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import backward, unvec, vec
+from conftest import backward, dense_eigen_steps
 from torch import Tensor, nn
 
 import lightning_grng as lg
@@ -190,17 +190,10 @@ def _weights(model: nn.Module) -> Tensor:
 
 
 def _dense_eigen_steps(A, G, grads, lr, beta2, damping, rho=0.0):
-    """The eigen mode with explicit Kronecker products, basis ``Q_A ⊗ Q_G`` (power ½)."""
-    Q = torch.kron(torch.linalg.eigh(A)[1], torch.linalg.eigh(G)[1])
-    m = torch.zeros(Q.shape[0], dtype=A.dtype)
-    steps = []
-    for t, V in enumerate(grads, start=1):
-        r = Q.T @ vec(V)
-        m = beta2 * m + (1 - beta2) * r * r
-        d = m / (1 - beta2**t)
-        curvature = d + damping * d.mean() + rho * r * r
-        steps.append(-lr * unvec(Q @ (r * curvature**-0.5), *V.shape))
-    return steps
+    """:func:`conftest.dense_eigen_steps` in the eigenbases of ``A`` and ``G``, RING's
+    diagonal GR curvature ``ρ r∘r``."""
+    QA, QG = torch.linalg.eigh(A)[1], torch.linalg.eigh(G)[1]
+    return dense_eigen_steps(QA, QG, grads, lr, beta2, damping, gr=lambda d, r: rho * r * r)
 
 
 # ---------------------------------------------------------------------------- the optimizer

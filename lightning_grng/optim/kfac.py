@@ -34,11 +34,11 @@ from lightning_grng.optim.routes import (
     Due,
     EigenRoute,
     MomentumOn,
-    NewtonRoute,
     OneSided,
     Preconditioner,
     Route,
     check_basis_options,
+    refuse_without_eigenbasis,
     route_for,
 )
 from lightning_grng.optim.validation import check_choice, check_int, check_range
@@ -246,12 +246,7 @@ class KFAC(GRNGOptimizer):
         if value is None:
             return None
         rule = check_choice(name, "one_sided", value, OneSided)
-        if route is NewtonRoute:
-            raise ValueError(
-                f"{name}: one_sided={rule.value!r} keeps a side's factor as its diagonal, an "
-                "eigenbasis that the Newton–Schulz route does not keep; use inverse='eigh' (or "
-                "the eigen mode) with it, or one_sided=None."
-            )
+        refuse_without_eigenbasis(name, f"one_sided={rule.value!r}", route, "one_sided=None")
         return rule
 
     @property

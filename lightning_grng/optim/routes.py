@@ -504,10 +504,16 @@ def check_basis_options(
         if value is None:
             continue
         values[key] = check_int(owner, key, value)
-        if route is NewtonRoute:
-            raise ValueError(
-                f"{owner}: {key}={value} acts on the eigenbasis of the factors, which the "
-                "Newton–Schulz route does not keep; use inverse='eigh' (or the eigen mode) "
-                f"with it, or leave {key}=None."
-            )
+        refuse_without_eigenbasis(owner, f"{key}={value}", route, f"leave {key}=None")
     return values["stagger_first"], values["max_factor"]
+
+
+def refuse_without_eigenbasis(owner: str, setting: str, route: type[Route], instead: str) -> None:
+    """A basis option (``setting``, e.g. ``"max_factor=64"``) refused on the Newton–Schulz
+    route, which keeps no eigenbasis of the factors."""
+    if route is NewtonRoute:
+        raise ValueError(
+            f"{owner}: {setting} acts on the eigenbasis of the factors, which the "
+            "Newton–Schulz route does not keep; use inverse='eigh' (or the eigen mode) "
+            f"with it, or {instead}."
+        )
